@@ -1,0 +1,1 @@
+"""algoplane: a gRPC control plane for time-based trading strategies."""

@@ -1,0 +1,1 @@
+"""The gRPC surface: servicer (translation only), interceptors, health and reflection."""

@@ -1,0 +1,91 @@
+"""`algoplane-server [serve]` runs the service; `algoplane-server token --sub T` mints a token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from datetime import timedelta
+
+from server.api.auth import mint_token, parse_ttl
+from server.app import App, load_or_create_secret
+from server.clock import SystemClock
+from server.config import Settings, SettingsError, load_settings
+
+DEMO_TENANT = "demo"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"algoplane: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "token":
+        return _token(settings, args.sub, args.ttl)
+    try:
+        return asyncio.run(serve(settings))
+    except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="algoplane-server")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the gRPC server (the default)")
+    token = commands.add_parser("token", help="print a bearer token for a tenant")
+    token.add_argument("--sub", required=True, help="the tenant the token speaks for")
+    token.add_argument("--ttl", default="1d", help="lifetime: 90s, 15m, 12h, 1d (default 1d)")
+    return parser
+
+
+def _token(settings: Settings, tenant: str, ttl_text: str) -> int:
+    try:
+        ttl = parse_ttl(ttl_text)
+        secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)[0]
+        print(mint_token(secret, tenant, ttl, SystemClock().now()))
+    except ValueError as exc:
+        print(f"algoplane: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def serve(settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = App(settings)
+    try:
+        running = await app.start()
+    except Exception as exc:  # noqa: BLE001 - any start failure is reported in one line
+        await app.stop()
+        print(f"algoplane: cannot start: {exc}", file=sys.stderr)
+        return 1
+    _announce(settings, running.port, running.jwt_secret, running.secret_generated)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down")
+    await app.stop()
+    return 0
+
+
+def _announce(settings: Settings, port: int, secret: str, generated: bool) -> None:
+    host = settings.grpc_addr.rsplit(":", 1)[0]
+    print(f"algoplane: listening on {host}:{port}", flush=True)
+    if settings.jwt_secret and not generated:
+        return
+    token = mint_token(secret, DEMO_TENANT, timedelta(days=1), SystemClock().now())
+    print(f"algoplane: demo token (tenant {DEMO_TENANT}, 1 day):\n{token}", flush=True)
+    print(
+        "algoplane: try\n"
+        f'  grpcurl -plaintext -H "authorization: Bearer {token}" '
+        f"{host}:{port} algoplane.v1.StrategyService/ListStrategies",
+        flush=True,
+    )

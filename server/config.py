@@ -1,0 +1,91 @@
+"""Settings: the only reader of ALGOPLANE_* environment variables.
+
+Parsed once at process entry, frozen, and passed down. A malformed value stops startup with
+one line naming the variable (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_ADDR = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+|\*):\d{1,5}$")
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALGOPLANE_", frozen=True, extra="ignore")
+
+    grpc_addr: str = "127.0.0.1:50051"
+    # Empty: start an embedded redis-server on a unix socket in data_dir.
+    redis_url: str = ""
+    # Empty: a SQLite file in data_dir.
+    database_url: str = ""
+    data_dir: Path = Path("./.algoplane")
+    # Empty: generated once and kept in data_dir/jwt.secret.
+    jwt_secret: str = Field(default="", repr=False)
+    reflection: bool = True
+    log_level: LogLevel = "INFO"
+    # How long in-flight calls may run after SIGTERM before they are cancelled.
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=300)] = 5.0
+    # Upper bound on any single Redis command, so an RPC never hangs on a stalled Redis.
+    redis_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # Approximate number of events each tenant's streams keep for resuming.
+    stream_maxlen: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+    health_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @field_validator("grpc_addr")
+    @classmethod
+    def _addr(cls, value: str) -> str:
+        if not _ADDR.match(value):
+            raise ValueError("expected host:port, e.g. 127.0.0.1:50051")
+        port = int(value.rsplit(":", 1)[1])
+        if port > 65535:
+            raise ValueError("port must be at most 65535")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("expected sqlite+aiosqlite:// or postgresql+asyncpg:// URL")
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        if value and len(value.encode()) < 32:
+            raise ValueError("must be at least 32 bytes for HS256")
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'algoplane.db').resolve()}"
+
+
+def load_settings() -> Settings:
+    """Reads the environment once; raises SettingsError naming the first bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "ALGOPLANE_" + str(err["loc"][0]).upper() if err["loc"] else "ALGOPLANE_*"
+        raise SettingsError(f"invalid setting {name}: {err['msg']}") from None

@@ -1,0 +1,249 @@
+"""StrategyManager: the use cases behind the API (seed 3.1).
+
+Every change commits to the DB first, then lands in Redis (versioned, so a late writer can
+not undo a newer state), then goes out as an event on the tenant's runtime stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+from server.clock import Clock
+from server.domain import (
+    Order,
+    Position,
+    Runtime,
+    Strategy,
+    StrategySpec,
+    StrategyStatus,
+    format_decimal,
+    is_strategy_id,
+    new_strategy_id,
+    require_future_buy,
+    start_runtime,
+    stop_runtime,
+    validate_request_id,
+)
+from server.errors import InvalidArgument, strategy_not_found
+from server.store.codec import (
+    runtime_from_flat,
+    runtime_to_flat,
+    strategy_from_flat,
+    strategy_to_flat,
+    to_micros,
+)
+from server.store.db import Database, IdempotencyConflict, IdempotencyKey
+from server.store.state import RedisState
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    strategies: list[Strategy]
+    next_page_token: str
+
+
+class StrategyManager:
+    def __init__(self, *, db: Database, state: RedisState, clock: Clock) -> None:
+        self._db = db
+        self._state = state
+        self._clock = clock
+
+    async def create(self, tenant: str, spec: StrategySpec, request_id: str) -> Strategy:
+        validate_request_id(request_id)
+        key = _key(request_id, "create", _spec_fingerprint(spec))
+        if key and (replayed := await self._replay(tenant, key)) is not None:
+            return strategy_from_flat(replayed)
+        require_future_buy(spec, self._clock.now())
+        strategy, runtime = self._new(tenant, spec, StrategyStatus.CREATED)
+        try:
+            await self._db.insert_strategy(strategy, runtime, key, strategy_to_flat(strategy))
+        except IdempotencyConflict:
+            return strategy_from_flat(await self._replay_after_race(tenant, key))
+        return strategy
+
+    async def get(self, tenant: str, strategy_id: str) -> Strategy:
+        strategy, _ = await self._load(tenant, strategy_id)
+        return strategy
+
+    async def list_page(
+        self, tenant: str, status: StrategyStatus | None, page_size: int, page_token: str
+    ) -> Page:
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after_id = _decode_page_token(page_token, status)
+        rows = await self._db.list_strategies(tenant, status, after_id, limit + 1)
+        page, more = rows[:limit], len(rows) > limit
+        token = _encode_page_token(page[-1].id, status) if more else ""
+        return Page(page, token)
+
+    async def start_stored(self, tenant: str, strategy_id: str, request_id: str) -> Runtime:
+        validate_request_id(request_id)
+        key = _key(request_id, "start", strategy_id)
+        if key and (replayed := await self._replay(tenant, key)) is not None:
+            return await self._ensure_hot(tenant, runtime_from_flat(replayed))
+        if not is_strategy_id(strategy_id):
+            raise strategy_not_found(strategy_id)
+        now = self._clock.now()
+        try:
+            strategy, runtime, _ = await self._db.transition(
+                tenant, strategy_id, lambda s, r: start_runtime(s, r, now), key
+            )
+        except IdempotencyConflict:
+            replayed = await self._replay_after_race(tenant, key)
+            return await self._ensure_hot(tenant, runtime_from_flat(replayed))
+        await self._publish(runtime, strategy)
+        return runtime
+
+    async def start_new(self, tenant: str, spec: StrategySpec, request_id: str) -> Runtime:
+        validate_request_id(request_id)
+        key = _key(request_id, "start", _spec_fingerprint(spec))
+        if key and (replayed := await self._replay(tenant, key)) is not None:
+            return await self._ensure_hot(tenant, runtime_from_flat(replayed))
+        require_future_buy(spec, self._clock.now())
+        created, blank = self._new(tenant, spec, StrategyStatus.CREATED)
+        runtime = start_runtime(created, blank, self._clock.now())
+        strategy = Strategy(
+            created.id, tenant, spec, runtime.status, created.created_at, runtime.updated_at
+        )
+        try:
+            await self._db.insert_strategy(strategy, runtime, key, runtime_to_flat(runtime))
+        except IdempotencyConflict:
+            replayed = await self._replay_after_race(tenant, key)
+            return await self._ensure_hot(tenant, runtime_from_flat(replayed))
+        await self._publish(runtime, strategy)
+        return runtime
+
+    async def stop(self, tenant: str, strategy_id: str, keep_position: bool) -> Runtime:
+        if not is_strategy_id(strategy_id):
+            raise strategy_not_found(strategy_id)
+        now = self._clock.now()
+        strategy, runtime, changed = await self._db.transition(
+            tenant, strategy_id, lambda _s, r: stop_runtime(r, now)
+        )
+        if changed:
+            await self._publish(runtime, strategy)
+        return runtime
+
+    async def runtime(self, tenant: str, strategy_id: str) -> Runtime:
+        """The hot runtime from Redis; the DB's for strategies that are not loaded."""
+        if not is_strategy_id(strategy_id):
+            raise strategy_not_found(strategy_id)
+        hot = await self._state.get_runtime(strategy_id)
+        if hot is not None:
+            if hot.tenant != tenant:
+                raise strategy_not_found(strategy_id)
+            return hot
+        _, runtime = await self._load(tenant, strategy_id)
+        return runtime
+
+    async def orders(self, tenant: str, strategy_id: str) -> list[Order]:
+        if strategy_id:
+            await self._load(tenant, strategy_id)
+        return await self._db.list_orders(tenant, strategy_id)
+
+    async def check_owner(self, tenant: str, strategy_id: str) -> None:
+        """NOT_FOUND unless the strategy exists and belongs to the tenant."""
+        await self._load(tenant, strategy_id)
+
+    async def _load(self, tenant: str, strategy_id: str) -> tuple[Strategy, Runtime]:
+        if not is_strategy_id(strategy_id):
+            raise strategy_not_found(strategy_id)
+        return await self._db.get_strategy(tenant, strategy_id)
+
+    def _new(
+        self, tenant: str, spec: StrategySpec, status: StrategyStatus
+    ) -> tuple[Strategy, Runtime]:
+        now = self._clock.now()
+        strategy = Strategy(new_strategy_id(now), tenant, spec, status, now, now)
+        runtime = Runtime(
+            strategy_id=strategy.id,
+            tenant=tenant,
+            symbol=spec.symbol,
+            status=status,
+            position=Position.NONE,
+            version=0,
+            run=0,
+            updated_at=now,
+        )
+        return strategy, runtime
+
+    async def _publish(self, runtime: Runtime, strategy: Strategy) -> None:
+        """Redis follows the committed DB state; the event goes out only when this snapshot
+        is the newest Redis has seen, so a stream never shows an older state last."""
+        if await self._state.put_runtime(runtime, strategy):
+            await self._state.append_event("runtime", runtime.tenant, runtime_to_flat(runtime))
+
+    async def _ensure_hot(self, tenant: str, replayed: Runtime) -> Runtime:
+        """A replayed Start makes sure its effect reached Redis (the first call may have
+        died between the DB commit and Redis)."""
+        strategy, current = await self._db.get_strategy(tenant, replayed.strategy_id)
+        if current.status.live:
+            await self._publish(current, strategy)
+        return replayed
+
+    async def _replay(self, tenant: str, key: IdempotencyKey) -> dict[str, str] | None:
+        stored = await self._db.get_response(tenant, key.request_id)
+        if stored is None:
+            return None
+        if stored.fingerprint != key.fingerprint:
+            raise InvalidArgument(
+                "request_id", "was already used by this tenant for a different request"
+            )
+        return stored.body
+
+    async def _replay_after_race(self, tenant: str, key: IdempotencyKey | None) -> dict[str, str]:
+        replayed = await self._replay(tenant, key) if key else None
+        if replayed is None:  # pragma: no cover - a conflict implies a stored response
+            raise RuntimeError("idempotency conflict without a stored response")
+        return replayed
+
+
+def _key(request_id: str, method: str, body: str) -> IdempotencyKey | None:
+    if not request_id:
+        return None
+    digest = hashlib.sha256(f"{method}\n{body}".encode()).hexdigest()
+    return IdempotencyKey(request_id, digest)
+
+
+def _spec_fingerprint(spec: StrategySpec) -> str:
+    return json.dumps(
+        [
+            spec.symbol,
+            spec.quantity,
+            to_micros(spec.buy_time),
+            to_micros(spec.sell_time),
+            format_decimal(spec.stop_loss),
+        ]
+    )
+
+
+def _encode_page_token(last_id: str, status: StrategyStatus | None) -> str:
+    raw = json.dumps({"after": last_id, "status": status.value if status else ""})
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, status: StrategyStatus | None) -> str:
+    if not token:
+        return ""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        after, token_status = str(data["after"]), str(data["status"])
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
+        raise InvalidArgument("page_token", "is not a token this API returned") from None
+    if not is_strategy_id(after):
+        raise InvalidArgument("page_token", "is not a token this API returned")
+    if token_status != (status.value if status else ""):
+        raise InvalidArgument("page_token", "was issued for a different status filter")
+    return after

@@ -1,0 +1,1 @@
+"""State: Redis (hot, seed key names) and the SQL database (durable)."""

@@ -1,0 +1,433 @@
+"""SQLModel tables and async access to the durable store (SQLite by default, or PostgreSQL).
+
+The DB is the record Redis is rebuilt from: every state change commits here first.
+Instants are integer microseconds since the epoch, so SQLite and PostgreSQL agree exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    LargeBinary,
+    UniqueConstraint,
+    event,
+    text,
+    update,
+)
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+from sqlmodel import Field, SQLModel, col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from server.domain import (
+    Order,
+    OrderKind,
+    OrderStatus,
+    Position,
+    Runtime,
+    Strategy,
+    StrategySpec,
+    StrategyStatus,
+    format_decimal,
+)
+from server.errors import strategy_not_found
+from server.store.codec import from_micros, runtime_to_flat, to_micros
+
+_MAX_CONFLICT_RETRIES = 8
+
+
+class StrategyRow(SQLModel, table=True):
+    __tablename__ = "strategies"
+    __table_args__ = (Index("ix_strategies_tenant_status_id", "tenant", "status", "id"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant: str = Field(index=True, max_length=128)
+    symbol: str = Field(max_length=32)
+    quantity: int = Field(sa_column=Column(BigInteger, nullable=False))
+    buy_time: int = Field(sa_column=Column(BigInteger, nullable=False))
+    sell_time: int = Field(sa_column=Column(BigInteger, nullable=False))
+    stop_loss: str = Field(max_length=32)
+    status: str = Field(max_length=16)
+    position: str = Field(max_length=16)
+    run: int = 0
+    version: int = Field(sa_column=Column(BigInteger, nullable=False))
+    entry_price: str = Field(default="", max_length=32)
+    exit_price: str = Field(default="", max_length=32)
+    last_price: str = Field(default="", max_length=32)
+    last_buy_order_id: str = Field(default="", max_length=80)
+    last_sell_order_id: str = Field(default="", max_length=80)
+    last_sl_order_id: str = Field(default="", max_length=80)
+    failure_reason: str = Field(default="", max_length=1000)
+    created_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    updated_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    terminated_at: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+
+class OrderRow(SQLModel, table=True):
+    __tablename__ = "orders"
+    __table_args__ = (
+        UniqueConstraint("strategy_id", "run", "kind", name="uq_orders_intent"),
+        Index("ix_orders_tenant_strategy", "tenant", "strategy_id", "created_at"),
+    )
+
+    # The client order id the broker sees; the primary key fences duplicates.
+    id: str = Field(primary_key=True, max_length=80)
+    tenant: str = Field(max_length=128)
+    strategy_id: str = Field(max_length=40)
+    run: int
+    symbol: str = Field(max_length=32)
+    kind: str = Field(max_length=16)
+    status: str = Field(max_length=16)
+    quantity: int = Field(sa_column=Column(BigInteger, nullable=False))
+    attempts: int = 0
+    fill_price: str = Field(default="", max_length=32)
+    broker_order_id: str = Field(default="", max_length=128)
+    error: str = Field(default="", max_length=1000)
+    created_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    updated_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class IdempotencyRow(SQLModel, table=True):
+    """The first answer to a Create/Start carrying a request_id, replayed on repeats."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: str = Field(primary_key=True, max_length=128)
+    request_id: str = Field(primary_key=True, max_length=64)
+    fingerprint: str = Field(max_length=64)
+    response: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    request_id: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    fingerprint: str
+    body: dict[str, str]
+
+
+class IdempotencyConflict(Exception):
+    """Another call stored a response under the same request_id first."""
+
+
+Transition = Callable[[Strategy, Runtime], Runtime]
+
+
+class Database:
+    """Async access to the durable store; nothing here blocks the event loop."""
+
+    def __init__(self, url: str) -> None:
+        self._sqlite = url.startswith("sqlite")
+        self._engine: AsyncEngine = create_async_engine(url, **_engine_options(url))
+        if self._sqlite:
+            event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
+        # SQLite has one writer at a time; serialising our own writes avoids SQLITE_BUSY
+        # on lock upgrades. PostgreSQL takes concurrent writers.
+        self._write_lock = asyncio.Lock() if self._sqlite else None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def create_schema(self) -> None:
+        """The one place the schema is created (idempotent)."""
+        async with self._engine.begin() as conn:
+            await conn.run_sync(SQLModel.metadata.create_all)
+
+    async def ping(self) -> None:
+        async with self._engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncSession]:
+        if self._write_lock is None:
+            async with AsyncSession(self._engine, expire_on_commit=False) as session:
+                yield session
+            return
+        async with self._write_lock, AsyncSession(self._engine, expire_on_commit=False) as s:
+            yield s
+
+    async def get_response(self, tenant: str, request_id: str) -> StoredResponse | None:
+        async with AsyncSession(self._engine) as session:
+            row = await session.get(IdempotencyRow, (tenant, request_id))
+            if row is None:
+                return None
+            return StoredResponse(row.fingerprint, json.loads(row.response))
+
+    async def insert_strategy(
+        self,
+        strategy: Strategy,
+        runtime: Runtime,
+        idempotency: IdempotencyKey | None,
+        response: dict[str, str],
+    ) -> None:
+        """Inserts a new strategy and, atomically with it, the response to replay.
+        Raises IdempotencyConflict when the request_id was taken meanwhile."""
+        async with self._writing() as session:
+            session.add(_to_row(strategy, runtime))
+            if idempotency is not None:
+                session.add(_idem_row(strategy.tenant, idempotency, response, runtime))
+            await _commit(session)
+
+    async def get_strategy(self, tenant: str, strategy_id: str) -> tuple[Strategy, Runtime]:
+        async with AsyncSession(self._engine) as session:
+            row = await session.get(StrategyRow, strategy_id)
+        if row is None or row.tenant != tenant:
+            raise strategy_not_found(strategy_id)
+        return _strategy(row), _runtime(row)
+
+    async def list_strategies(
+        self, tenant: str, status: StrategyStatus | None, after_id: str, limit: int
+    ) -> list[Strategy]:
+        query = select(StrategyRow).where(StrategyRow.tenant == tenant)
+        if status is not None:
+            query = query.where(StrategyRow.status == status.value)
+        if after_id:
+            query = query.where(col(StrategyRow.id) > after_id)
+        query = query.order_by(col(StrategyRow.id)).limit(limit)
+        async with AsyncSession(self._engine) as session:
+            rows = (await session.exec(query)).all()
+        return [_strategy(row) for row in rows]
+
+    async def transition(
+        self,
+        tenant: str,
+        strategy_id: str,
+        change: Transition,
+        idempotency: IdempotencyKey | None = None,
+    ) -> tuple[Strategy, Runtime, bool]:
+        """Applies `change` to the stored runtime with optimistic concurrency (a version
+        check), storing the idempotent response in the same transaction.
+        Returns (strategy, runtime, changed); domain errors from `change` propagate."""
+        for _ in range(_MAX_CONFLICT_RETRIES):
+            async with self._writing() as session:
+                row = await session.get(StrategyRow, strategy_id)
+                if row is None or row.tenant != tenant:
+                    raise strategy_not_found(strategy_id)
+                strategy, current = _strategy(row), _runtime(row)
+                updated = change(strategy, current)
+                if updated == current:
+                    return strategy, current, False
+                if not await _update_if_version(session, row, updated):
+                    continue
+                if idempotency is not None:
+                    session.add(_idem_row(tenant, idempotency, {}, updated))
+                await _commit(session)
+                return _with_status(strategy, updated), updated, True
+        raise RuntimeError(f"strategy {strategy_id}: too many concurrent updates")
+
+    async def record_order(self, order: Order, run: int) -> None:
+        """Inserts or updates an order of the order log (keyed by its client order id)."""
+        async with self._writing() as session:
+            row = await session.get(OrderRow, order.id)
+            values = _order_values(order, run)
+            if row is None:
+                session.add(OrderRow(**values))
+            else:
+                for key, value in values.items():
+                    setattr(row, key, value)
+                session.add(row)
+            await session.commit()
+
+    async def list_orders(self, tenant: str, strategy_id: str) -> list[Order]:
+        query = select(OrderRow).where(OrderRow.tenant == tenant)
+        if strategy_id:
+            query = query.where(OrderRow.strategy_id == strategy_id)
+        query = query.order_by(col(OrderRow.created_at), col(OrderRow.id))
+        async with AsyncSession(self._engine) as session:
+            rows = (await session.exec(query)).all()
+        return [_order(row) for row in rows]
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 10}}
+    return {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20, "pool_timeout": 5}
+
+
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+async def _commit(session: AsyncSession) -> None:
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise IdempotencyConflict() from None
+
+
+async def _update_if_version(session: AsyncSession, row: StrategyRow, runtime: Runtime) -> bool:
+    values = _runtime_values(runtime)
+    result = await session.exec(
+        update(StrategyRow)
+        .where(col(StrategyRow.id) == row.id, col(StrategyRow.version) == row.version)
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        await session.rollback()
+        return False
+    return True
+
+
+def _idem_row(
+    tenant: str, key: IdempotencyKey, response: dict[str, str], runtime: Runtime
+) -> IdempotencyRow:
+    body = response or runtime_to_flat(runtime)
+    return IdempotencyRow(
+        tenant=tenant,
+        request_id=key.request_id,
+        fingerprint=key.fingerprint,
+        response=json.dumps(body, sort_keys=True).encode(),
+        created_at=to_micros(runtime.updated_at),
+    )
+
+
+def _runtime_values(runtime: Runtime) -> dict[str, Any]:
+    return {
+        "status": runtime.status.value,
+        "position": runtime.position.value,
+        "run": runtime.run,
+        "version": runtime.version,
+        "entry_price": format_decimal(runtime.entry_price),
+        "exit_price": format_decimal(runtime.exit_price),
+        "last_price": format_decimal(runtime.last_price),
+        "last_buy_order_id": runtime.last_buy_order_id,
+        "last_sell_order_id": runtime.last_sell_order_id,
+        "last_sl_order_id": runtime.last_sl_order_id,
+        "failure_reason": runtime.failure_reason,
+        "updated_at": to_micros(runtime.updated_at),
+        "terminated_at": to_micros(runtime.terminated_at) if runtime.terminated_at else None,
+    }
+
+
+def _to_row(strategy: Strategy, runtime: Runtime) -> StrategyRow:
+    spec = strategy.spec
+    return StrategyRow(
+        id=strategy.id,
+        tenant=strategy.tenant,
+        symbol=spec.symbol,
+        quantity=spec.quantity,
+        buy_time=to_micros(spec.buy_time),
+        sell_time=to_micros(spec.sell_time),
+        stop_loss=format_decimal(spec.stop_loss),
+        created_at=to_micros(strategy.created_at),
+        **_runtime_values(runtime),
+    )
+
+
+def _strategy(row: StrategyRow) -> Strategy:
+    return Strategy(
+        id=row.id,
+        tenant=row.tenant,
+        spec=StrategySpec(
+            symbol=row.symbol,
+            quantity=row.quantity,
+            buy_time=from_micros(row.buy_time),
+            sell_time=from_micros(row.sell_time),
+            stop_loss=Decimal(row.stop_loss),
+        ),
+        status=StrategyStatus(row.status),
+        created_at=from_micros(row.created_at),
+        updated_at=from_micros(row.updated_at),
+    )
+
+
+def _with_status(strategy: Strategy, runtime: Runtime) -> Strategy:
+    return replace(strategy, status=runtime.status, updated_at=runtime.updated_at)
+
+
+def _runtime(row: StrategyRow) -> Runtime:
+    return Runtime(
+        strategy_id=row.id,
+        tenant=row.tenant,
+        symbol=row.symbol,
+        status=StrategyStatus(row.status),
+        position=Position(row.position),
+        version=row.version,
+        run=row.run,
+        updated_at=from_micros(row.updated_at),
+        entry_price=_decimal(row.entry_price),
+        exit_price=_decimal(row.exit_price),
+        last_price=_decimal(row.last_price),
+        last_buy_order_id=row.last_buy_order_id,
+        last_sell_order_id=row.last_sell_order_id,
+        last_sl_order_id=row.last_sl_order_id,
+        failure_reason=row.failure_reason,
+        terminated_at=from_micros(row.terminated_at) if row.terminated_at is not None else None,
+    )
+
+
+def _decimal(raw: str) -> Decimal | None:
+    return Decimal(raw) if raw else None
+
+
+def _order_values(order: Order, run: int) -> dict[str, Any]:
+    return {
+        "id": order.id,
+        "tenant": order.tenant,
+        "strategy_id": order.strategy_id,
+        "run": run,
+        "symbol": order.symbol,
+        "kind": order.kind.value,
+        "status": order.status.value,
+        "quantity": order.quantity,
+        "attempts": order.attempts,
+        "fill_price": format_decimal(order.fill_price),
+        "broker_order_id": order.broker_order_id,
+        "error": order.error,
+        "created_at": to_micros(order.created_at),
+        "updated_at": to_micros(order.updated_at),
+    }
+
+
+def _order(row: OrderRow) -> Order:
+    return Order(
+        id=row.id,
+        tenant=row.tenant,
+        strategy_id=row.strategy_id,
+        symbol=row.symbol,
+        kind=OrderKind(row.kind),
+        status=OrderStatus(row.status),
+        quantity=row.quantity,
+        attempts=row.attempts,
+        created_at=from_micros(row.created_at),
+        updated_at=from_micros(row.updated_at),
+        fill_price=_decimal(row.fill_price),
+        broker_order_id=row.broker_order_id,
+        error=row.error,
+    )
+
+
+__all__ = [
+    "Database",
+    "IdempotencyConflict",
+    "IdempotencyKey",
+    "OrderRow",
+    "StoredResponse",
+    "StrategyRow",
+]

@@ -1,0 +1,49 @@
+"""Every Redis key, built here and nowhere else (the seed's names).
+
+Braces are Redis Cluster hash tags: the keys of one strategy (`strategy:{id}`, `runtime:{id}`,
+`lock_state:{id}`) share a slot, so one Lua script may touch them together. Scripts only ever
+touch keys of one hash tag.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+StreamKind = Literal["runtime", "orders"]
+
+# The seed's FIFO of BUY/SELL/STOPLOSS events (the execution pipeline consumes it).
+ORDER_QUEUE = "queue:orders"
+
+
+def strategy(strategy_id: str) -> str:
+    """Hash: the strategy's static config (tenant, symbol, quantity, times, stop-loss)."""
+    return f"strategy:{{{strategy_id}}}"
+
+
+def runtime(strategy_id: str) -> str:
+    """Hash: the strategy's live state (status, position, prices, order ids, version)."""
+    return f"runtime:{{{strategy_id}}}"
+
+
+def lock_state(strategy_id: str) -> str:
+    """String: the per-strategy execution lock, a random token with a TTL."""
+    return f"lock_state:{{{strategy_id}}}"
+
+
+def symbol_strategies(symbol: str) -> str:
+    """Set: ids of the live (started, not ended) strategies on a symbol."""
+    return f"symbol:{{{symbol}}}:strategies"
+
+
+def price(symbol: str) -> str:
+    """String: the last price the market listener saw for a symbol."""
+    return f"price:{{{symbol}}}"
+
+
+def event_stream(kind: StreamKind, tenant: str) -> str:
+    """Stream: one tenant's runtime or order events, the source of StreamRuntime/StreamOrders.
+
+    One stream per tenant keeps tenants apart and lets a client resume by event id across
+    all of its strategies.
+    """
+    return f"stream:{kind}:{{{tenant}}}"

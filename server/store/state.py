@@ -1,0 +1,164 @@
+"""Typed async operations over Redis: the only holder of the Redis clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from server.domain import Runtime, Strategy
+from server.store import keys, scripts
+from server.store.codec import (
+    Flat,
+    runtime_from_flat,
+    runtime_to_flat,
+    strategy_from_flat,
+    strategy_to_flat,
+)
+from server.store.keys import StreamKind
+
+StreamId = tuple[int, int]
+
+
+def parse_stream_id(raw: str) -> StreamId | None:
+    """'1732456789123-0' -> (1732456789123, 0); None when it is not a stream id."""
+    ms, sep, seq = raw.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit() or len(ms) > 20 or len(seq) > 20:
+        return None
+    return int(ms), int(seq)
+
+
+def format_stream_id(value: StreamId) -> str:
+    return f"{value[0]}-{value[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBounds:
+    """What a tenant's event stream can still replay."""
+
+    last_id: StreamId
+    # Everything at or before this id may have been trimmed away (None: nothing trimmed).
+    trimmed_through: StreamId | None
+
+
+def connect(url: str, *, timeout_s: float, max_connections: int | None = None) -> Redis:
+    """A client that never retries on its own: a blind retry of XADD or of a claim script
+    could apply it twice, so the callers decide what is safe to repeat."""
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=max_connections,
+    )
+
+
+class RedisState:
+    """The hot state: strategies, runtimes, symbol sets and per-tenant event streams."""
+
+    def __init__(self, *, client: Redis, stream_client: Redis, stream_maxlen: int) -> None:
+        self._redis = client
+        # Blocking stream reads hold a connection each; a separate pool keeps them from
+        # starving ordinary commands.
+        self._streams = stream_client
+        self._maxlen = stream_maxlen
+        self._apply = client.register_script(scripts.APPLY_RUNTIME)
+
+    @property
+    def client(self) -> Redis:
+        return self._redis
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._streams.aclose()
+        await self._redis.aclose()
+
+    async def put_runtime(self, runtime: Runtime, strategy: Strategy | None = None) -> bool:
+        """Writes the runtime (and the strategy's config when given) unless Redis already
+        holds this version or a newer one, then keeps the symbol's live set in step.
+        Returns whether this snapshot was written."""
+        strategy_fields = _pairs(strategy_to_flat(strategy)) if strategy else []
+        args: list[Any] = [runtime.version, len(strategy_fields) // 2, *strategy_fields]
+        args.extend(_pairs(runtime_to_flat(runtime)))
+        written = await self._apply(
+            keys=[keys.strategy(runtime.strategy_id), keys.runtime(runtime.strategy_id)],
+            args=args,
+        )
+        if written:
+            live_set = keys.symbol_strategies(runtime.symbol)
+            if runtime.status.live:
+                await self._redis.sadd(live_set, runtime.strategy_id)
+            else:
+                await self._redis.srem(live_set, runtime.strategy_id)
+        return bool(written)
+
+    async def get_runtime(self, strategy_id: str) -> Runtime | None:
+        flat = cast(Flat, await self._redis.hgetall(keys.runtime(strategy_id)))
+        return runtime_from_flat(flat) if flat else None
+
+    async def get_strategy(self, strategy_id: str) -> Strategy | None:
+        flat = cast(Flat, await self._redis.hgetall(keys.strategy(strategy_id)))
+        return strategy_from_flat(flat) if flat else None
+
+    async def append_event(self, kind: StreamKind, tenant: str, fields: Flat) -> str:
+        """Appends one event to the tenant's stream; returns its id (the resume token)."""
+        event_id = await self._redis.xadd(
+            keys.event_stream(kind, tenant),
+            cast(dict[Any, Any], fields),
+            maxlen=self._maxlen,
+            approximate=True,
+        )
+        return str(event_id)
+
+    async def stream_bounds(self, kind: StreamKind, tenant: str) -> StreamBounds:
+        try:
+            info: dict[str, Any] = await self._redis.xinfo_stream(keys.event_stream(kind, tenant))
+        except ResponseError:  # no such key: nothing was ever written
+            return StreamBounds(last_id=(0, 0), trimmed_through=None)
+        last = parse_stream_id(str(info["last-generated-id"])) or (0, 0)
+        return StreamBounds(last_id=last, trimmed_through=_trimmed_through(info, self._maxlen))
+
+    async def read_events(
+        self, kind: StreamKind, tenant: str, after: StreamId, *, block_ms: int, count: int
+    ) -> list[tuple[StreamId, Flat]]:
+        """Events after `after`, waiting up to block_ms for the first one."""
+        reply: list[tuple[str, list[tuple[str, Flat]]]] = await self._streams.xread(
+            {keys.event_stream(kind, tenant): format_stream_id(after)},
+            count=count,
+            block=block_ms,
+        )  # type: ignore[assignment]
+        events: list[tuple[StreamId, Flat]] = []
+        for _key, entries in reply or []:
+            for raw_id, fields in entries:
+                event_id = parse_stream_id(raw_id)
+                if event_id is not None:
+                    events.append((event_id, fields))
+        return events
+
+
+def _pairs(flat: Flat) -> list[str]:
+    return [item for pair in flat.items() for item in pair]
+
+
+def _trimmed_through(info: dict[str, Any], maxlen: int) -> StreamId | None:
+    max_deleted = info.get("max-deleted-entry-id")
+    if max_deleted is not None:  # Redis >= 7 says exactly what was trimmed
+        deleted = parse_stream_id(str(max_deleted))
+        return deleted if deleted and deleted != (0, 0) else None
+    # Redis 6.2 does not say; once the stream is at its cap, assume all before the first
+    # entry is gone, which errs towards OUT_OF_RANGE rather than a silent gap.
+    first = info.get("first-entry")
+    if not first or int(info.get("length", 0)) < maxlen:
+        return None
+    first_id = parse_stream_id(str(first[0]))
+    if first_id is None or first_id == (0, 0):
+        return None
+    ms, seq = first_id
+    return (ms, seq - 1) if seq > 0 else (ms - 1, 2**64 - 1)
