@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,17 +15,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
 
 from protos.algoplane.v1 import strategy_pb2, strategy_pb2_grpc
 from server.api.auth import TokenVerifier
 from server.api.health import HealthReporter
-from server.api.interceptors import AuthInterceptor, ErrorInterceptor
+from server.api.interceptors import AuthInterceptor, DecodeInterceptor, ErrorInterceptor
 from server.api.servicer import StrategyServicer
+from server.brokers.base import Broker
+from server.brokers.paper import PaperBroker
 from server.clock import Clock, SystemClock
 from server.config import Settings
+from server.engine import EngineConfig, ExecutionEngine
 from server.manager import StrategyManager
+from server.publisher import Publisher
+from server.scheduler import Scheduler
 from server.store.db import Database
 from server.store.embedded_redis import EmbeddedRedis
+from server.store.locks import StrategyLocks
+from server.store.queue import OrderQueue
 from server.store.state import RedisState, connect
 from server.streams import EventStreams
 
@@ -64,6 +74,10 @@ class App:
         self._health: HealthReporter | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
+        self._engine_redis: Redis | None = None
+        self._scheduler: Scheduler | None = None
+        self._engine: ExecutionEngine | None = None
+        self._sync_task: asyncio.Task[None] | None = None
 
     async def start(self) -> Running:
         settings = self._settings
@@ -84,18 +98,81 @@ class App:
             stream_client=connect(redis_url, timeout_s=settings.redis_timeout_s + 2),
             stream_maxlen=settings.stream_maxlen,
         )
-        manager = StrategyManager(db=self._db, state=self._state, clock=self._clock)
+        manager = await self._start_pipeline(redis_url)
         self._streams = EventStreams(state=self._state)
         port = await self._start_server(manager, self._streams, TokenVerifier(secret))
         self._health_task = asyncio.create_task(self._health_loop(), name="algoplane-health")
+        self._sync_task = asyncio.create_task(self._sync_loop(), name="algoplane-timer-sync")
         log.info("algoplane serving on port %d", port)
         return Running(port=port, jwt_secret=secret, secret_generated=generated)
+
+    async def _start_pipeline(self, redis_url: str) -> StrategyManager:
+        """Queue, locks, broker, scheduler and engine, started; returns the manager that
+        the API drives them through."""
+        settings, state, db = self._settings, self._state, self._db
+        assert state is not None and db is not None
+        engine_config = EngineConfig(
+            concurrency=settings.exec_concurrency,
+            broker_attempts=settings.broker_attempts,
+            broker_timeout_s=settings.broker_timeout_s,
+            buy_grace_s=settings.buy_grace_s,
+            claim_idle_ms=int(settings.exec_claim_idle_s * 1000),
+        )
+        # Workers block in XREADGROUP: their own pool, with a timeout above the block time.
+        self._engine_redis = connect(
+            redis_url, timeout_s=settings.redis_timeout_s + engine_config.block_ms / 1000
+        )
+        queue = OrderQueue(redis=self._engine_redis, consumer=_consumer_name())
+        locks = StrategyLocks(redis=state.client, ttl_ms=settings.lock_ttl_ms)
+        publisher = Publisher(state=state)
+        self._scheduler = Scheduler(queue=queue, clock=self._clock)
+        self._engine = ExecutionEngine(
+            queue=queue,
+            locks=locks,
+            db=db,
+            publisher=publisher,
+            broker=self._broker(state),
+            clock=self._clock,
+            config=engine_config,
+            cancel_timers=self._scheduler.cancel,
+        )
+        await self._engine.start()
+        self._scheduler.start()
+        self._scheduler.sync(await db.list_live())
+        return StrategyManager(
+            db=db,
+            state=state,
+            publisher=publisher,
+            scheduler=self._scheduler,
+            queue=queue,
+            locks=locks,
+            clock=self._clock,
+        )
+
+    def _broker(self, state: RedisState) -> Broker:
+        settings = self._settings
+        return PaperBroker(
+            redis=state.client,
+            prices=state,
+            latency_s=settings.paper_latency_ms / 1000,
+            timeout_rate=settings.paper_timeout_rate,
+            error_rate=settings.paper_error_rate,
+        )
+
+    async def _sync_loop(self) -> None:
+        assert self._scheduler is not None and self._db is not None
+        while True:
+            await asyncio.sleep(self._settings.timer_sync_s)
+            try:
+                self._scheduler.sync(await self._db.list_live())
+            except Exception as exc:  # noqa: BLE001 - DB away: the next round retries
+                log.warning("timer sync failed: %s", exc)
 
     async def _start_server(
         self, manager: StrategyManager, streams: EventStreams, verifier: TokenVerifier
     ) -> int:
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), AuthInterceptor(verifier)],
+            interceptors=[ErrorInterceptor(), AuthInterceptor(verifier), DecodeInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
@@ -103,7 +180,10 @@ class App:
             ],
         )
         strategy_pb2_grpc.add_StrategyServiceServicer_to_server(
-            StrategyServicer(manager=manager, streams=streams), server
+            StrategyServicer(
+                manager=manager, streams=streams, stall_s=self._settings.stream_stall_s
+            ),
+            server,
         )
         health_servicer = AsyncHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -138,20 +218,39 @@ class App:
 
     async def stop(self) -> None:
         """Health NOT_SERVING, streams end UNAVAILABLE, in-flight calls get the grace
-        period, then background tasks, then connections, then embedded Redis."""
-        if self._health is not None:
-            await self._health.shutdown()
-        if self._streams is not None:
-            self._streams.close()
-        if self._server is not None:
-            await self._server.stop(self._settings.shutdown_grace_s)
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        period, timers stop, the engine finishes the orders in hand (the rest stay pending
+        for the next start or a peer), then connections, then embedded Redis."""
+        await self._stop_api()
+        await self._stop_pipeline()
+        if self._engine_redis is not None:
+            await self._engine_redis.aclose()
         if self._state is not None:
             await self._state.close()
         if self._db is not None:
             await self._db.close()
         if self._embedded is not None:
             await self._embedded.stop()
+
+    async def _stop_api(self) -> None:
+        if self._health is not None:
+            await self._health.shutdown()
+        if self._streams is not None:
+            self._streams.close()
+        if self._server is not None:
+            await self._server.stop(self._settings.shutdown_grace_s)
+
+    async def _stop_pipeline(self) -> None:
+        for task in (self._sync_task, self._health_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        if self._engine is not None:
+            await self._engine.stop(self._settings.shutdown_grace_s)
+
+
+def _consumer_name() -> str:
+    """Unique per process, so the consumer group tells whose pending events are whose."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"

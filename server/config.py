@@ -41,7 +41,24 @@ class Settings(BaseSettings):
     redis_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     # Approximate number of events each tenant's streams keep for resuming.
     stream_maxlen: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+    # A stream subscriber that reads nothing for this long is cut off (RESOURCE_EXHAUSTED).
+    stream_stall_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     health_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    # Execution pipeline.
+    exec_concurrency: Annotated[int, Field(ge=1, le=1024)] = 32
+    buy_grace_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    broker_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    broker_timeout_s: Annotated[float, Field(gt=0, le=120)] = 2.0
+    # How long an event may sit with a silent worker before another worker takes it over.
+    exec_claim_idle_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    lock_ttl_ms: Annotated[int, Field(ge=100, le=600_000)] = 10_000
+    # How often every replica reloads the timers of all live strategies from the DB.
+    timer_sync_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    broker: Literal["paper"] = "paper"
+    paper_latency_ms: Annotated[int, Field(ge=0, le=600_000)] = 0
+    paper_timeout_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    paper_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
 
     @field_validator("grpc_addr")
     @classmethod

@@ -53,6 +53,47 @@ class OrderStatus(StrEnum):
     REJECTED = "REJECTED"
     FAILED = "FAILED"
     UNKNOWN = "UNKNOWN"
+    # The event was not valid in the strategy's state; nothing reached the broker.
+    SKIPPED = "SKIPPED"
+
+    @property
+    def final(self) -> bool:
+        return self in (
+            OrderStatus.FILLED,
+            OrderStatus.REJECTED,
+            OrderStatus.FAILED,
+            OrderStatus.SKIPPED,
+        )
+
+
+class Intent(StrEnum):
+    """Why an order event exists; an intent of a run maps to one client order id."""
+
+    BUY = "buy"
+    SELL = "sell"
+    STOPLOSS = "sl"
+    EXIT = "exit"  # a user's Stop closing the position
+
+    @property
+    def kind(self) -> OrderKind:
+        return {
+            Intent.BUY: OrderKind.BUY,
+            Intent.SELL: OrderKind.SELL,
+            Intent.STOPLOSS: OrderKind.STOPLOSS,
+            Intent.EXIT: OrderKind.SELL,
+        }[self]
+
+    @property
+    def is_exit(self) -> bool:
+        """Exits jump the queue: they are read before any BUY/SELL."""
+        return self in (Intent.STOPLOSS, Intent.EXIT)
+
+
+def client_order_id(strategy_id: str, run: int, intent: Intent, seq: int = 1) -> str:
+    """Deterministic: the same run and intent always give the same id, so a retry after a
+    timeout or a crash can never become a second order at a broker that dedupes."""
+    suffix = f"{intent.value}{seq}" if intent is Intent.EXIT else intent.value
+    return f"{strategy_id}-{run}-{suffix}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +161,12 @@ def new_strategy_id(now: datetime) -> str:
 
 
 def is_strategy_id(value: str) -> bool:
-    return bool(STRATEGY_ID_RE.match(value))
+    return bool(STRATEGY_ID_RE.fullmatch(value))
 
 
 def parse_decimal(field: str, raw: str) -> Decimal:
     """A positive, finite decimal with at most 8 decimals and 10 integer digits."""
-    if not _DECIMAL_RE.match(raw):
+    if not _DECIMAL_RE.fullmatch(raw):
         raise InvalidArgument(
             field, "must be a positive decimal string with at most 8 decimals, e.g. '101.25'"
         )
@@ -147,7 +188,7 @@ def format_decimal(value: Decimal | None) -> str:
 
 
 def validate_symbol(field: str, symbol: str) -> str:
-    if not SYMBOL_RE.match(symbol):
+    if not SYMBOL_RE.fullmatch(symbol):
         raise InvalidArgument(
             field, "must match ^[A-Z0-9][A-Z0-9:._-]{0,31}$ (upper case, at most 32 characters)"
         )
@@ -176,6 +217,8 @@ def require_future_buy(spec: StrategySpec, now: datetime) -> None:
 def validate_request_id(request_id: str) -> str:
     if len(request_id) > MAX_REQUEST_ID:
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID} characters")
+    if not request_id.isprintable():
+        raise InvalidArgument("request_id", "must not contain control characters")
     return request_id
 
 
@@ -206,20 +249,92 @@ def start_runtime(strategy: Strategy, current: Runtime, now: datetime) -> Runtim
     )
 
 
-def stop_runtime(current: Runtime, now: datetime) -> Runtime:
-    """SCHEDULED/RUNNING -> STOPPED. Stopping a stopped strategy is a no-op."""
+@dataclass(frozen=True, slots=True)
+class StopPlan:
+    """What a Stop does: a new runtime to commit, or an exit order to send first."""
+
+    runtime: Runtime
+    exit_position: bool
+
+
+def plan_stop(current: Runtime, keep_position: bool, now: datetime) -> StopPlan:
+    """Live or failed-with-a-position -> STOPPED, after an exit unless keep_position.
+    Stopping a stopped strategy changes nothing."""
     if current.status is StrategyStatus.STOPPED:
-        return current
-    if not current.status.live:
+        return StopPlan(current, exit_position=False)
+    holding = current.position is Position.BOUGHT
+    if not current.status.live and not (holding and current.status is StrategyStatus.FAILED):
         raise FailedPrecondition(
-            f"strategy {current.strategy_id} is {current.status.value}, not started"
+            f"strategy {current.strategy_id} is CREATED, not started"
             if current.status is StrategyStatus.CREATED
             else f"strategy {current.strategy_id} is already {current.status.value}"
         )
-    return replace(
+    if holding and not keep_position:
+        return StopPlan(current, exit_position=True)
+    stopped = replace(
         current,
         status=StrategyStatus.STOPPED,
         version=current.version + 1,
         updated_at=now,
         terminated_at=now,
+    )
+    return StopPlan(stopped, exit_position=False)
+
+
+def refusal(intent: Intent, runtime: Runtime) -> str:
+    """Why `intent` may not act on this runtime now; empty when it may."""
+    if intent is Intent.BUY:
+        if runtime.status is not StrategyStatus.SCHEDULED or runtime.position is not Position.NONE:
+            return f"BUY needs a SCHEDULED strategy with no position, found {_state(runtime)}"
+        return ""
+    if runtime.position is not Position.BOUGHT:
+        return f"{intent.kind.value} needs an open position, found {_state(runtime)}"
+    if intent in (Intent.SELL, Intent.STOPLOSS) and runtime.status is not StrategyStatus.RUNNING:
+        return f"{intent.kind.value} needs a RUNNING strategy, found {_state(runtime)}"
+    return ""
+
+
+def _state(runtime: Runtime) -> str:
+    return f"{runtime.status.value}/{runtime.position.value}"
+
+
+def _next(runtime: Runtime, now: datetime, **changes: object) -> Runtime:
+    return replace(runtime, version=runtime.version + 1, updated_at=now, **changes)  # type: ignore[arg-type]
+
+
+def order_submitted(runtime: Runtime, intent: Intent, order_id: str, now: datetime) -> Runtime:
+    """The intent is committed: BUY makes the strategy RUNNING; every intent names its order."""
+    field = {
+        Intent.BUY: "last_buy_order_id",
+        Intent.SELL: "last_sell_order_id",
+        Intent.EXIT: "last_sell_order_id",
+        Intent.STOPLOSS: "last_sl_order_id",
+    }[intent]
+    status = StrategyStatus.RUNNING if intent is Intent.BUY else runtime.status
+    return _next(runtime, now, status=status, **{field: order_id})
+
+
+def order_filled(runtime: Runtime, intent: Intent, price: Decimal, now: datetime) -> Runtime:
+    if intent is Intent.BUY:
+        return _next(runtime, now, position=Position.BOUGHT, entry_price=price, last_price=price)
+    position = Position.EXITED_BY_SL if intent is Intent.STOPLOSS else Position.SOLD
+    status = StrategyStatus.STOPPED if intent is Intent.EXIT else StrategyStatus.COMPLETED
+    return _next(
+        runtime,
+        now,
+        status=status,
+        position=position,
+        exit_price=price,
+        last_price=price,
+        failure_reason="",
+        terminated_at=now,
+    )
+
+
+def strategy_failed(runtime: Runtime, reason: str, now: datetime) -> Runtime:
+    """FAILED with the reason. A failed exit leaves the position BOUGHT and visible, so a Stop
+    can retry the exit; only a flat strategy is terminated."""
+    terminated = now if runtime.position is not Position.BOUGHT else None
+    return _next(
+        runtime, now, status=StrategyStatus.FAILED, failure_reason=reason, terminated_at=terminated
     )

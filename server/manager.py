@@ -6,6 +6,7 @@ not undo a newer state), then goes out as an event on the tenant's runtime strea
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -15,21 +16,25 @@ from dataclasses import dataclass
 
 from server.clock import Clock
 from server.domain import (
+    Intent,
     Order,
     Position,
     Runtime,
     Strategy,
     StrategySpec,
     StrategyStatus,
+    client_order_id,
     format_decimal,
     is_strategy_id,
     new_strategy_id,
+    plan_stop,
     require_future_buy,
     start_runtime,
-    stop_runtime,
     validate_request_id,
 )
 from server.errors import InvalidArgument, strategy_not_found
+from server.publisher import Publisher
+from server.scheduler import Scheduler, enqueue_with_retry
 from server.store.codec import (
     runtime_from_flat,
     runtime_to_flat,
@@ -38,6 +43,8 @@ from server.store.codec import (
     to_micros,
 )
 from server.store.db import Database, IdempotencyConflict, IdempotencyKey
+from server.store.locks import StrategyLocks
+from server.store.queue import OrderEvent, OrderQueue
 from server.store.state import RedisState
 
 log = logging.getLogger(__name__)
@@ -53,10 +60,28 @@ class Page:
 
 
 class StrategyManager:
-    def __init__(self, *, db: Database, state: RedisState, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        state: RedisState,
+        publisher: Publisher,
+        scheduler: Scheduler,
+        queue: OrderQueue,
+        locks: StrategyLocks,
+        clock: Clock,
+        lock_wait_s: float = 15.0,
+        exit_wait_s: float = 5.0,
+    ) -> None:
         self._db = db
         self._state = state
+        self._publisher = publisher
+        self._scheduler = scheduler
+        self._queue = queue
+        self._locks = locks
         self._clock = clock
+        self._lock_wait_s = lock_wait_s
+        self._exit_wait_s = exit_wait_s
 
     async def create(self, tenant: str, spec: StrategySpec, request_id: str) -> Strategy:
         validate_request_id(request_id)
@@ -103,6 +128,7 @@ class StrategyManager:
             replayed = await self._replay_after_race(tenant, key)
             return await self._ensure_hot(tenant, runtime_from_flat(replayed))
         await self._publish(runtime, strategy)
+        self._scheduler.schedule(strategy, runtime)
         return runtime
 
     async def start_new(self, tenant: str, spec: StrategySpec, request_id: str) -> Runtime:
@@ -122,18 +148,60 @@ class StrategyManager:
             replayed = await self._replay_after_race(tenant, key)
             return await self._ensure_hot(tenant, runtime_from_flat(replayed))
         await self._publish(runtime, strategy)
+        self._scheduler.schedule(strategy, runtime)
         return runtime
 
     async def stop(self, tenant: str, strategy_id: str, keep_position: bool) -> Runtime:
-        if not is_strategy_id(strategy_id):
-            raise strategy_not_found(strategy_id)
+        """Cancels the timers; an open position is exited first (an exit-priority SELL)
+        unless keep_position. Runs under the strategy's lock, so it waits for an order in
+        flight instead of racing it; with an exit it waits up to exit_wait_s for the result."""
+        await self._load(tenant, strategy_id)
+        async with self._locks.held(strategy_id, timeout_s=self._lock_wait_s):
+            strategy, current = await self._db.get_strategy(tenant, strategy_id)
+            plan = plan_stop(current, keep_position, self._clock.now())
+            self._scheduler.cancel(strategy_id)
+            if plan.exit_position:
+                await self._enqueue_exit(strategy, current)
+            elif plan.runtime != current:
+                now = self._clock.now()
+                strategy, current, _ = await self._db.transition(
+                    tenant, strategy_id, lambda _s, r: plan_stop(r, keep_position, now).runtime
+                )
+                await self._publish(current, strategy)
+                return current
+            else:
+                return current
+        return await self._await_exit(tenant, strategy_id, current)
+
+    async def _enqueue_exit(self, strategy: Strategy, runtime: Runtime) -> None:
+        """A new client order id per exit attempt of a run: a Stop retrying a failed exit
+        must not get the failed order back from a broker that dedupes."""
+        prefix = client_order_id(strategy.id, runtime.run, Intent.EXIT, 0)[:-1]
+        orders = await self._db.list_orders(strategy.tenant, strategy.id)
+        seq = 1 + sum(1 for order in orders if order.id.startswith(prefix))
         now = self._clock.now()
-        strategy, runtime, changed = await self._db.transition(
-            tenant, strategy_id, lambda _s, r: stop_runtime(r, now)
+        event = OrderEvent(
+            strategy_id=strategy.id,
+            tenant=strategy.tenant,
+            run=runtime.run,
+            intent=Intent.EXIT,
+            order_id=client_order_id(strategy.id, runtime.run, Intent.EXIT, seq),
+            due_at_us=to_micros(now),
+            fired_at_us=to_micros(now),
         )
-        if changed:
-            await self._publish(runtime, strategy)
-        return runtime
+        await enqueue_with_retry(self._queue, event)
+
+    async def _await_exit(self, tenant: str, strategy_id: str, before: Runtime) -> Runtime:
+        deadline = asyncio.get_running_loop().time() + self._exit_wait_s
+        latest = before
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            latest = await self.runtime(tenant, strategy_id)
+            if latest.version != before.version and latest.position is not Position.BOUGHT:
+                return latest
+            if latest.status is not before.status:
+                return latest
+        return latest
 
     async def runtime(self, tenant: str, strategy_id: str) -> Runtime:
         """The hot runtime from Redis; the DB's for strategies that are not loaded."""
@@ -179,10 +247,7 @@ class StrategyManager:
         return strategy, runtime
 
     async def _publish(self, runtime: Runtime, strategy: Strategy) -> None:
-        """Redis follows the committed DB state; the event goes out only when this snapshot
-        is the newest Redis has seen, so a stream never shows an older state last."""
-        if await self._state.put_runtime(runtime, strategy):
-            await self._state.append_event("runtime", runtime.tenant, runtime_to_flat(runtime))
+        await self._publisher.runtime(runtime, strategy)
 
     async def _ensure_hot(self, tenant: str, replayed: Runtime) -> Runtime:
         """A replayed Start makes sure its effect reached Redis (the first call may have
@@ -190,6 +255,7 @@ class StrategyManager:
         strategy, current = await self._db.get_strategy(tenant, replayed.strategy_id)
         if current.status.live:
             await self._publish(current, strategy)
+            self._scheduler.schedule(strategy, current)
         return replayed
 
     async def _replay(self, tenant: str, key: IdempotencyKey) -> dict[str, str] | None:
@@ -240,7 +306,7 @@ def _decode_page_token(token: str, status: StrategyStatus | None) -> str:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         after, token_status = str(data["after"]), str(data["status"])
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError, RecursionError):
         raise InvalidArgument("page_token", "is not a token this API returned") from None
     if not is_strategy_id(after):
         raise InvalidArgument("page_token", "is not a token this API returned")

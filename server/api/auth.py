@@ -38,21 +38,21 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}") from None
         tenant = claims.get("sub")
-        if not isinstance(tenant, str) or not _TENANT_RE.match(tenant):
+        if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
             raise Unauthenticated("token sub is not a valid tenant name")
         return tenant
 
 
 def parse_ttl(raw: str) -> timedelta:
     """'90s', '15m', '12h', '1d' -> timedelta."""
-    match = _TTL_RE.match(raw)
+    match = _TTL_RE.fullmatch(raw)
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"ttl {raw!r} must look like 90s, 15m, 12h or 1d")
     return timedelta(seconds=int(match.group(1)) * _TTL_UNITS[match.group(2)])
 
 
 def mint_token(secret: str, tenant: str, ttl: timedelta, now: datetime) -> str:
-    if not _TENANT_RE.match(tenant):
+    if not _TENANT_RE.fullmatch(tenant):
         raise ValueError(f"tenant {tenant!r} must match {_TENANT_RE.pattern}")
     claims = {"sub": tenant, "iat": int(now.timestamp()), "exp": int((now + ttl).timestamp())}
     return jwt.encode(claims, secret, algorithm=ALGORITHM)

@@ -1,22 +1,23 @@
 """Interceptors: authentication and error -> status translation, the only place that aborts.
 
-Both wrap the method's behaviour rather than short-circuiting in intercept_service, so the
+They wrap the method's behaviour rather than short-circuiting in intercept_service, so the
 verified tenant is set in a context variable of the very task that runs the handler.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, NoReturn, cast
 
 import grpc
 import redis.exceptions
 import sqlalchemy.exc
+from google.protobuf.message import DecodeError
 
 from server.api.auth import TokenVerifier
-from server.errors import AlgoplaneError
+from server.errors import AlgoplaneError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,8 @@ SERVICE_PREFIX = "/algoplane.v1.StrategyService/"
 # The tenant of the current call; set only from a verified token.
 current_tenant: ContextVar[str] = ContextVar("current_tenant")
 
-Unary = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-Streaming = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Deserializer = Callable[[bytes], Any]
 
 # Infrastructure failures the caller can retry: the call never hangs, it says so.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -45,13 +46,15 @@ def tenant() -> str:
 
 
 class _BehaviourInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps the unary-unary and unary-stream behaviours of our own service's methods."""
+    """Wraps the behaviour of our own service's methods. Streaming methods write with
+    `context.write` rather than yielding, so both kinds are coroutines and one wrapper
+    serves both."""
 
-    def wrap_unary(self, behaviour: Unary) -> Unary:
+    def wrap(self, behaviour: Behaviour) -> Behaviour:
         raise NotImplementedError
 
-    def wrap_stream(self, behaviour: Streaming) -> Streaming:
-        raise NotImplementedError
+    def wrap_deserializer(self, deserializer: Deserializer | None) -> Deserializer | None:
+        return deserializer
 
     async def intercept_service(
         self,
@@ -63,45 +66,33 @@ class _BehaviourInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
             return handler
+        factory: Any
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self.wrap_unary(cast(Unary, handler.unary_unary)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self.wrap_stream(cast(Streaming, handler.unary_stream)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+            behaviour, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        elif handler.unary_stream is not None:
+            behaviour, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        else:
+            return handler
+        wrapped: grpc.RpcMethodHandler[Any, Any] = factory(
+            self.wrap(cast(Behaviour, behaviour)),
+            request_deserializer=self.wrap_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+        return wrapped
 
 
 class ErrorInterceptor(_BehaviourInterceptor):
     """Domain errors -> their status; infrastructure failures -> UNAVAILABLE; the rest ->
     INTERNAL with nothing leaked (and logged, since it is a bug)."""
 
-    def wrap_unary(self, behaviour: Unary) -> Unary:
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    def wrap(self, behaviour: Behaviour) -> Behaviour:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await behaviour(request, context)
             except Exception as exc:  # noqa: BLE001 - translated, never swallowed
                 await _abort(context, exc)
 
-        return unary
-
-    def wrap_stream(self, behaviour: Streaming) -> Streaming:
-        async def stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            try:
-                async for item in behaviour(request, context):
-                    yield item
-            except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-                await _abort(context, exc)
-
-        return stream
+        return call
 
 
 class AuthInterceptor(_BehaviourInterceptor):
@@ -115,22 +106,46 @@ class AuthInterceptor(_BehaviourInterceptor):
         header = metadata.get("authorization")
         current_tenant.set(self._verifier.tenant_of(header if isinstance(header, str) else None))
 
-    def wrap_unary(self, behaviour: Unary) -> Unary:
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    def wrap(self, behaviour: Behaviour) -> Behaviour:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             self._authenticate(context)
             return await behaviour(request, context)
 
-        return unary
+        return call
 
-    def wrap_stream(self, behaviour: Streaming) -> Streaming:
-        async def stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            self._authenticate(context)
-            async for item in behaviour(request, context):
-                yield item
 
-        return stream
+class _Undecodable:
+    """Stands in for request bytes that did not parse (bad UTF-8, corrupt wire format)."""
+
+
+class DecodeInterceptor(_BehaviourInterceptor):
+    """Undecodable requests end with INVALID_ARGUMENT (after authentication, as this is the
+    innermost interceptor) instead of grpc's own UNKNOWN."""
+
+    def wrap_deserializer(self, deserializer: Deserializer | None) -> Deserializer | None:
+        if deserializer is None:
+            return None
+        parse = deserializer
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError:
+                return _Undecodable()
+
+        return deserialize
+
+    def wrap(self, behaviour: Behaviour) -> Behaviour:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            _check_decoded(request)
+            return await behaviour(request, context)
+
+        return call
+
+
+def _check_decoded(request: object) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("request", "is not a valid protobuf message for this method")
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
 from typing import Any
 
 import grpc
@@ -17,7 +17,7 @@ from server.api.convert import (
     strategy_to_proto,
 )
 from server.api.interceptors import tenant
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, ResourceExhausted
 from server.manager import StrategyManager
 from server.streams import EventStreams
 
@@ -25,9 +25,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
-    def __init__(self, *, manager: StrategyManager, streams: EventStreams) -> None:
+    def __init__(
+        self, *, manager: StrategyManager, streams: EventStreams, stall_s: float = 30.0
+    ) -> None:
         self._manager = manager
         self._streams = streams
+        self._stall_s = stall_s
 
     async def CreateStrategy(
         self, request: pb.CreateStrategyRequest, context: Context
@@ -77,22 +80,37 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
         orders = await self._manager.orders(tenant(), request.strategy_id)
         return pb.ListOrdersResponse(orders=[order_to_proto(o) for o in orders])
 
-    async def StreamRuntime(
+    # Streams write with context.write (not yield) so a stalled reader can be cut off.
+    async def StreamRuntime(  # type: ignore[override]
         self, request: pb.StreamRuntimeRequest, context: Context
-    ) -> AsyncIterator[pb.RuntimeEvent]:
+    ) -> None:
         owner = tenant()
         if request.strategy_id:
             await self._manager.check_owner(owner, request.strategy_id)
         events = self._streams.runtime_events(owner, request.strategy_id, request.after_event_id)
         async for event_id, runtime in events:
-            yield pb.RuntimeEvent(event_id=event_id, runtime=runtime_to_proto(runtime))
+            event = pb.RuntimeEvent(event_id=event_id, runtime=runtime_to_proto(runtime))
+            await self._write(context, event)
 
-    async def StreamOrders(
+    async def StreamOrders(  # type: ignore[override]
         self, request: pb.StreamOrdersRequest, context: Context
-    ) -> AsyncIterator[pb.OrderEvent]:
+    ) -> None:
         owner = tenant()
         if request.strategy_id:
             await self._manager.check_owner(owner, request.strategy_id)
         events = self._streams.order_events(owner, request.strategy_id, request.after_event_id)
         async for event_id, order in events:
-            yield pb.OrderEvent(event_id=event_id, order=order_to_proto(order))
+            await self._write(
+                context, pb.OrderEvent(event_id=event_id, order=order_to_proto(order))
+            )
+
+    async def _write(self, context: Context, message: Any) -> None:
+        """A subscriber whose flow-control window stays full for stall_s is cut off, so a
+        reader that stopped cannot hold server resources; it resumes with after_event_id."""
+        try:
+            await asyncio.wait_for(context.write(message), self._stall_s)
+        except TimeoutError:
+            raise ResourceExhausted(
+                f"stream consumer read nothing for {self._stall_s:g}s; "
+                "reconnect with after_event_id"
+            ) from None

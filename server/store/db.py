@@ -19,7 +19,6 @@ from sqlalchemy import (
     Column,
     Index,
     LargeBinary,
-    UniqueConstraint,
     event,
     text,
     update,
@@ -77,10 +76,7 @@ class StrategyRow(SQLModel, table=True):
 
 class OrderRow(SQLModel, table=True):
     __tablename__ = "orders"
-    __table_args__ = (
-        UniqueConstraint("strategy_id", "run", "kind", name="uq_orders_intent"),
-        Index("ix_orders_tenant_strategy", "tenant", "strategy_id", "created_at"),
-    )
+    __table_args__ = (Index("ix_orders_tenant_strategy", "tenant", "strategy_id", "created_at"),)
 
     # The client order id the broker sees; the primary key fences duplicates.
     id: str = Field(primary_key=True, max_length=80)
@@ -236,17 +232,48 @@ class Database:
                 return _with_status(strategy, updated), updated, True
         raise RuntimeError(f"strategy {strategy_id}: too many concurrent updates")
 
+    async def find(self, strategy_id: str) -> tuple[Strategy, Runtime] | None:
+        """Internal lookup by id alone (the engine and scheduler act for every tenant)."""
+        async with AsyncSession(self._engine) as session:
+            row = await session.get(StrategyRow, strategy_id)
+        return (_strategy(row), _runtime(row)) if row is not None else None
+
+    async def list_live(self) -> list[tuple[Strategy, Runtime]]:
+        """Every started, unfinished strategy: what the scheduler must have timers for."""
+        live = [StrategyStatus.SCHEDULED.value, StrategyStatus.RUNNING.value]
+        query = select(StrategyRow).where(col(StrategyRow.status).in_(live))
+        async with AsyncSession(self._engine) as session:
+            rows = (await session.exec(query)).all()
+        return [(_strategy(row), _runtime(row)) for row in rows]
+
+    async def get_order(self, order_id: str) -> Order | None:
+        async with AsyncSession(self._engine) as session:
+            row = await session.get(OrderRow, order_id)
+        return _order(row) if row is not None else None
+
+    async def save(self, runtime: Runtime | None, orders: list[tuple[Order, int]]) -> bool:
+        """Commits orders (upserted by client order id) and the runtime together. The runtime
+        is written only over the version just before it; False (nothing written) otherwise."""
+        async with self._writing() as session:
+            if runtime is not None:
+                result = await session.exec(
+                    update(StrategyRow)
+                    .where(col(StrategyRow.id) == runtime.strategy_id)
+                    .where(col(StrategyRow.version) == runtime.version - 1)
+                    .values(**_runtime_values(runtime))
+                )
+                if result.rowcount != 1:
+                    await session.rollback()
+                    return False
+            for order, run in orders:
+                await _upsert_order(session, order, run)
+            await session.commit()
+            return True
+
     async def record_order(self, order: Order, run: int) -> None:
         """Inserts or updates an order of the order log (keyed by its client order id)."""
         async with self._writing() as session:
-            row = await session.get(OrderRow, order.id)
-            values = _order_values(order, run)
-            if row is None:
-                session.add(OrderRow(**values))
-            else:
-                for key, value in values.items():
-                    setattr(row, key, value)
-                session.add(row)
+            await _upsert_order(session, order, run)
             await session.commit()
 
     async def list_orders(self, tenant: str, strategy_id: str) -> list[Order]:
@@ -279,6 +306,17 @@ async def _commit(session: AsyncSession) -> None:
     except IntegrityError:
         await session.rollback()
         raise IdempotencyConflict() from None
+
+
+async def _upsert_order(session: AsyncSession, order: Order, run: int) -> None:
+    row = await session.get(OrderRow, order.id)
+    values = _order_values(order, run)
+    if row is None:
+        session.add(OrderRow(**values))
+        return
+    for key, value in values.items():
+        setattr(row, key, value)
+    session.add(row)
 
 
 async def _update_if_version(session: AsyncSession, row: StrategyRow, runtime: Runtime) -> bool:

@@ -11,8 +11,23 @@ from typing import Literal
 
 StreamKind = Literal["runtime", "orders"]
 
-# The seed's FIFO of BUY/SELL/STOPLOSS events (the execution pipeline consumes it).
+# The seed's queue of order events: a Redis Stream read by the engine's consumer group.
+# Scheduled BUY/SELL go here.
 ORDER_QUEUE = "queue:orders"
+# Exits (STOPLOSS, a user's Stop) go to a second stream the engine always reads first. Its hash
+# tag `{queue:orders}` hashes exactly like the name `queue:orders`, so both streams and the
+# fired markers share one Cluster slot and one Lua script may touch them together.
+EXIT_QUEUE = "{queue:orders}:exits"
+ENGINE_GROUP = "engine"
+
+# The paper broker's book, as a broker outside our processes would keep it.
+PAPER_ORDERS = "{paper}:orders"
+PAPER_LOG = "{paper}:log"
+
+
+def fired(strategy_id: str, run: int, intent: str) -> str:
+    """String: set once when an order intent of a run is enqueued (dedupes timer firings)."""
+    return f"{{queue:orders}}:fired:{strategy_id}:{run}:{intent}"
 
 
 def strategy(strategy_id: str) -> str:

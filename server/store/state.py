@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -10,7 +11,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from server.domain import Runtime, Strategy
+from server.domain import Runtime, Strategy, format_decimal
 from server.store import keys, scripts
 from server.store.codec import (
     Flat,
@@ -22,14 +23,20 @@ from server.store.codec import (
 from server.store.keys import StreamKind
 
 StreamId = tuple[int, int]
+_MAX_STREAM_PART = 2**64 - 1
 
 
 def parse_stream_id(raw: str) -> StreamId | None:
     """'1732456789123-0' -> (1732456789123, 0); None when it is not a stream id."""
     ms, sep, seq = raw.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit() or len(ms) > 20 or len(seq) > 20:
+    if not sep or not raw.isascii():  # str.isdigit() admits '²', which int() rejects
         return None
-    return int(ms), int(seq)
+    if not ms.isdigit() or not seq.isdigit() or len(ms) > 20 or len(seq) > 20:
+        return None
+    value = int(ms), int(seq)
+    if max(value) > _MAX_STREAM_PART:  # Redis refuses such an id in XREAD
+        return None
+    return value
 
 
 def format_stream_id(value: StreamId) -> str:
@@ -103,6 +110,17 @@ class RedisState:
         flat = cast(Flat, await self._redis.hgetall(keys.runtime(strategy_id)))
         return runtime_from_flat(flat) if flat else None
 
+    async def last_price(self, symbol: str) -> Decimal | None:
+        """The last price the market listener stored (seed 4.1), if any."""
+        raw = await self._redis.get(keys.price(symbol))
+        try:
+            return Decimal(str(raw)) if raw is not None else None
+        except InvalidOperation:
+            return None
+
+    async def set_price(self, symbol: str, price: Decimal) -> None:
+        await self._redis.set(keys.price(symbol), format_decimal(price))
+
     async def get_strategy(self, strategy_id: str) -> Strategy | None:
         flat = cast(Flat, await self._redis.hgetall(keys.strategy(strategy_id)))
         return strategy_from_flat(flat) if flat else None
@@ -148,15 +166,28 @@ def _pairs(flat: Flat) -> list[str]:
 
 
 def _trimmed_through(info: dict[str, Any], maxlen: int) -> StreamId | None:
-    max_deleted = info.get("max-deleted-entry-id")
-    if max_deleted is not None:  # Redis >= 7 says exactly what was trimmed
-        deleted = parse_stream_id(str(max_deleted))
-        return deleted if deleted and deleted != (0, 0) else None
-    # Redis 6.2 does not say; once the stream is at its cap, assume all before the first
-    # entry is gone, which errs towards OUT_OF_RANGE rather than a silent gap.
+    """The newest id that may be gone from the stream (None: every entry is still there).
+
+    XADD's MAXLEN trimming does not move Redis 7's max-deleted-entry-id (only XDEL does), so
+    trimming is detected from the count of entries ever added; everything before the first
+    kept entry then counts as gone, which errs towards OUT_OF_RANGE rather than a gap."""
+    deleted = parse_stream_id(str(info.get("max-deleted-entry-id", "")))
+    through = deleted if deleted and deleted != (0, 0) else None
+    length = int(info.get("length", 0))
+    added = info.get("entries-added")
+    # Redis 6.2 does not count; once the stream is at its cap, assume its head was trimmed.
+    removed = int(added) > length if added is not None else length >= maxlen
+    head = _before_first_entry(info) if removed else None
+    if head is not None and (through is None or head > through):
+        through = head
+    return through
+
+
+def _before_first_entry(info: dict[str, Any]) -> StreamId | None:
     first = info.get("first-entry")
-    if not first or int(info.get("length", 0)) < maxlen:
-        return None
+    if not first:  # everything is gone
+        last = parse_stream_id(str(info.get("last-generated-id", "")))
+        return last if last and last != (0, 0) else None
     first_id = parse_stream_id(str(first[0]))
     if first_id is None or first_id == (0, 0):
         return None

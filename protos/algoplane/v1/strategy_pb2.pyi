@@ -106,6 +106,8 @@ class _OrderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderStat
     ORDER_STATUS_REJECTED: _OrderStatus.ValueType  # 4
     ORDER_STATUS_FAILED: _OrderStatus.ValueType  # 5
     ORDER_STATUS_UNKNOWN: _OrderStatus.ValueType  # 6
+    ORDER_STATUS_SKIPPED: _OrderStatus.ValueType  # 7
+    """The event was not valid in the strategy's state (error says why); nothing was sent."""
 
 class OrderStatus(_OrderStatus, metaclass=_OrderStatusEnumTypeWrapper): ...
 
@@ -116,6 +118,8 @@ ORDER_STATUS_FILLED: OrderStatus.ValueType  # 3
 ORDER_STATUS_REJECTED: OrderStatus.ValueType  # 4
 ORDER_STATUS_FAILED: OrderStatus.ValueType  # 5
 ORDER_STATUS_UNKNOWN: OrderStatus.ValueType  # 6
+ORDER_STATUS_SKIPPED: OrderStatus.ValueType  # 7
+"""The event was not valid in the strategy's state (error says why); nothing was sent."""
 Global___OrderStatus: _TypeAlias = OrderStatus  # noqa: Y015
 
 @_typing.final

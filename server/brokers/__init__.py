@@ -1,0 +1,1 @@
+"""Brokers: the `Broker` protocol and its adapters (PaperBroker is the embedded default)."""

@@ -1,0 +1,386 @@
+"""ExecutionEngine: queue -> lock -> intent in the DB -> broker -> DB -> Redis and streams.
+
+Each event runs under its strategy's lock. Before any broker call the order's intent is
+committed with its deterministic client order id; an ambiguous broker failure is followed by
+`get_order` before the same id is placed again. A redelivered event whose order is final is a
+true duplicate and is dropped; an event that is not valid in the strategy's state is recorded
+as SKIPPED; an event that arrives too early (SELL before its BUY happened) waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+
+from server.brokers.base import (
+    AmbiguousBrokerError,
+    Broker,
+    BrokerOrder,
+    BrokerOrderStatus,
+    Side,
+    check_reply,
+)
+from server.clock import Clock
+from server.domain import (
+    Intent,
+    Order,
+    OrderStatus,
+    Position,
+    Runtime,
+    Strategy,
+    StrategyStatus,
+    order_filled,
+    order_submitted,
+    refusal,
+    strategy_failed,
+)
+from server.publisher import Publisher
+from server.store.db import Database
+from server.store.locks import StrategyLocks
+from server.store.queue import Delivery, OrderEvent, OrderQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    concurrency: int = 32
+    broker_attempts: int = 3
+    broker_timeout_s: float = 2.0
+    buy_grace_s: float = 5.0
+    # An entry pending this long without its worker touching it is taken over.
+    claim_idle_ms: int = 15_000
+    reclaim_interval_s: float = 2.0
+    # Deliveries after which an event that keeps failing ends with a recorded reason.
+    max_deliveries: int = 10
+    block_ms: int = 1000
+    defer_s: float = 0.05
+
+
+class Outcome(Enum):
+    DONE = "done"
+    DEFER = "defer"  # not yet: run again after the strategy's current step completes
+
+
+class ExecutionEngine:
+    def __init__(
+        self,
+        *,
+        queue: OrderQueue,
+        locks: StrategyLocks,
+        db: Database,
+        publisher: Publisher,
+        broker: Broker,
+        clock: Clock,
+        config: EngineConfig,
+        cancel_timers: Callable[[str], None],
+    ) -> None:
+        self._queue = queue
+        self._locks = locks
+        self._db = db
+        self._publish = publisher
+        self._broker = broker
+        self._clock = clock
+        self._config = config
+        self._cancel_timers = cancel_timers
+        self._closing = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        # Workers waiting in XREADGROUP hold nothing yet; stop() cancels them at once.
+        self._idle: set[asyncio.Task[None]] = set()
+        self._busy = asyncio.Semaphore(config.concurrency)
+
+    async def start(self) -> None:
+        await self._queue.ensure_group()
+        self._tasks = [
+            asyncio.create_task(self._worker(), name=f"engine-worker-{n}")
+            for n in range(self._config.concurrency)
+        ]
+        self._tasks.append(asyncio.create_task(self._reaper(), name="engine-reaper"))
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops taking events; events in hand get grace_s to finish, the rest stay pending
+        in the consumer group and are delivered again (to us after a restart, or to a peer)."""
+        self._closing.set()
+        if not self._tasks:
+            return
+        for task in [*self._idle, self._tasks[-1]]:  # idle workers and the reaper
+            task.cancel()
+        _, running = await asyncio.wait(self._tasks, timeout=grace_s)
+        for task in running:
+            task.cancel()
+        for task in running:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self._closing.is_set():
+            self._idle.add(me)
+            try:
+                deliveries = await self._queue.take(self._config.block_ms)
+            except Exception as exc:  # noqa: BLE001 - Redis away: pause, then go on
+                log.warning("engine cannot read the queue: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            finally:
+                self._idle.discard(me)
+            for delivery in deliveries:
+                async with self._busy:
+                    await self.handle(delivery)
+
+    async def _reaper(self) -> None:
+        while not self._closing.is_set():
+            await asyncio.sleep(self._config.reclaim_interval_s)
+            try:
+                claimed = await self._queue.reclaim(self._config.claim_idle_ms)
+            except Exception as exc:  # noqa: BLE001 - Redis away: try on the next round
+                log.warning("engine cannot reclaim pending events: %s", exc)
+                continue
+            for delivery in claimed:
+                log.warning("taking over event %s (%s)", delivery.entry_id, delivery.fields)
+                async with self._busy:
+                    await self.handle(delivery)
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Runs one delivered event to its end and acknowledges it. If it cannot finish
+        (Redis or the DB away) it stays pending and is delivered again."""
+        toucher = asyncio.create_task(self._touch(delivery))
+        try:
+            finished = await self._handle(delivery)
+        except Exception:
+            log.exception("event %s failed; it will be delivered again", delivery.entry_id)
+            return
+        finally:
+            toucher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await toucher
+        if finished:
+            with contextlib.suppress(Exception):
+                await self._queue.ack(delivery)
+
+    async def _handle(self, delivery: Delivery) -> bool:
+        """True when the event is finished; False leaves it pending (shutting down)."""
+        try:
+            event = OrderEvent.parse(delivery.fields)
+        except (KeyError, ValueError):
+            log.error("dropping malformed queue entry %s: %r", delivery.entry_id, delivery.fields)
+            return True
+        if delivery.deliveries > self._config.max_deliveries:
+            await self._give_up(event, delivery.deliveries)
+            return True
+        while not self._closing.is_set():
+            async with self._locks.held(event.strategy_id):
+                outcome = await self.execute(event)
+            if outcome is Outcome.DONE:
+                return True
+            await asyncio.sleep(self._config.defer_s)
+        return False
+
+    async def _touch(self, delivery: Delivery) -> None:
+        interval = self._config.claim_idle_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await self._queue.touch(delivery)
+
+    async def execute(self, event: OrderEvent) -> Outcome:
+        """One event, under the strategy's lock."""
+        found = await self._db.find(event.strategy_id)
+        if found is None:
+            log.error("event for unknown strategy %s dropped", event.strategy_id)
+            return Outcome.DONE
+        strategy, runtime = found
+        existing = await self._db.get_order(event.order_id)
+        if existing is not None and existing.status.final:
+            log.info("duplicate event for %s (%s) dropped", event.order_id, existing.status)
+            return Outcome.DONE
+        if existing is None:
+            started = await self._begin(event, strategy, runtime)
+            if isinstance(started, Outcome):
+                return started
+            existing, runtime = started
+        await self._send(event, strategy, runtime, existing)
+        return Outcome.DONE
+
+    async def _begin(
+        self, event: OrderEvent, strategy: Strategy, runtime: Runtime
+    ) -> tuple[Order, Runtime] | Outcome:
+        """Checks the event against the state and commits its intent; an Outcome when the
+        event ends here (DONE: recorded as skipped or failed) or must wait (DEFER)."""
+        if event.run != runtime.run:
+            why = f"event of run {event.run}, the strategy is on run {runtime.run}"
+            await self._skip(event, strategy, why)
+            return Outcome.DONE
+        if _waits_for_buy(event.intent, runtime):
+            return Outcome.DEFER
+        reason = refusal(event.intent, runtime)
+        if reason:
+            await self._skip(event, strategy, reason)
+            return Outcome.DONE
+        late = event.lateness_s
+        if event.intent is Intent.BUY and late > self._config.buy_grace_s:
+            why = (
+                f"BUY not placed: fired {late:.1f}s after buy_time, beyond the "
+                f"{self._config.buy_grace_s:g}s grace"
+            )
+            await self._skip(event, strategy, why)
+            await self._fail(runtime, why)
+            return Outcome.DONE
+        now = self._clock.now()
+        order = Order(
+            id=event.order_id,
+            tenant=strategy.tenant,
+            strategy_id=strategy.id,
+            symbol=strategy.spec.symbol,
+            kind=event.intent.kind,
+            status=OrderStatus.PENDING,
+            quantity=strategy.spec.quantity,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        )
+        submitted = order_submitted(runtime, event.intent, order.id, now)
+        await self._commit(submitted, [order], event.run)
+        return order, submitted
+
+    async def _send(
+        self, event: OrderEvent, strategy: Strategy, runtime: Runtime, order: Order
+    ) -> None:
+        side = Side.BUY if event.intent is Intent.BUY else Side.SELL
+        reply, order, error = await self._place(order, strategy.spec.symbol, side, event.run)
+        now = self._clock.now()
+        if reply is None:
+            failed = replace(order, status=OrderStatus.FAILED, error=error, updated_at=now)
+            why = f"{order.kind.value} failed after {order.attempts} attempts: {error}"
+            await self._commit(strategy_failed(runtime, why, now), [failed], event.run)
+            self._cancel_timers(strategy.id)
+            return
+        await self._record_reply(event, strategy, runtime, order, reply)
+
+    async def _record_reply(
+        self,
+        event: OrderEvent,
+        strategy: Strategy,
+        runtime: Runtime,
+        order: Order,
+        reply: BrokerOrder,
+    ) -> None:
+        now = self._clock.now()
+        order = replace(order, broker_order_id=reply.broker_order_id, updated_at=now)
+        if reply.status is BrokerOrderStatus.FILLED and reply.fill_price is not None:
+            filled = replace(order, status=OrderStatus.FILLED, fill_price=reply.fill_price)
+            after = order_filled(runtime, event.intent, reply.fill_price, now)
+            await self._commit(after, [filled], event.run)
+            if event.intent is not Intent.BUY:
+                self._cancel_timers(strategy.id)
+            return
+        if reply.status is BrokerOrderStatus.REJECTED:
+            rejected = replace(order, status=OrderStatus.REJECTED, error=reply.reason)
+            why = f"{order.kind.value} rejected by the broker: {reply.reason}"
+            await self._commit(strategy_failed(runtime, why, now), [rejected], event.run)
+            self._cancel_timers(strategy.id)
+            return
+        # Accepted but not filled: left SUBMITTED for the reconciler to follow.
+        await self._commit(None, [replace(order, status=OrderStatus.SUBMITTED)], event.run)
+
+    async def _place(
+        self, order: Order, symbol: str, side: Side, run: int
+    ) -> tuple[BrokerOrder | None, Order, str]:
+        """At most broker_attempts placements, all with the same client order id; after an
+        ambiguous failure the broker is asked first, so a timeout never becomes two orders."""
+        if order.attempts > 0:  # a redelivered event: the broker may already have it
+            found = await self._lookup(order.id)
+            if found is not None:
+                return found, order, ""
+        error = ""
+        while order.attempts < self._config.broker_attempts:
+            order = replace(
+                order,
+                status=OrderStatus.SUBMITTED,
+                attempts=order.attempts + 1,
+                updated_at=self._clock.now(),
+            )
+            await self._commit(None, [order], run)
+            try:
+                reply = await asyncio.wait_for(
+                    self._broker.place_order(order.id, symbol, side, order.quantity),
+                    self._config.broker_timeout_s,
+                )
+                return check_reply(reply, order.id), order, ""
+            except (AmbiguousBrokerError, TimeoutError, OSError) as exc:
+                error = str(exc) or type(exc).__name__
+                log.warning("attempt %d of %s: %s", order.attempts, order.id, error)
+            found = await self._lookup(order.id)
+            if found is not None:
+                return found, order, ""
+        return None, order, error
+
+    async def _lookup(self, order_id: str) -> BrokerOrder | None:
+        try:
+            reply = await asyncio.wait_for(
+                self._broker.get_order(order_id), self._config.broker_timeout_s
+            )
+        except (AmbiguousBrokerError, TimeoutError, OSError) as exc:
+            log.warning("get_order(%s) failed: %s", order_id, exc)
+            return None
+        return check_reply(reply, order_id) if reply is not None else None
+
+    async def _skip(self, event: OrderEvent, strategy: Strategy, reason: str) -> None:
+        now = self._clock.now()
+        skipped = Order(
+            id=event.order_id,
+            tenant=strategy.tenant,
+            strategy_id=strategy.id,
+            symbol=strategy.spec.symbol,
+            kind=event.intent.kind,
+            status=OrderStatus.SKIPPED,
+            quantity=strategy.spec.quantity,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+            error=reason,
+        )
+        log.info("skipped %s: %s", event.order_id, reason)
+        await self._commit(None, [skipped], event.run)
+
+    async def _fail(self, runtime: Runtime, reason: str) -> None:
+        await self._commit(strategy_failed(runtime, reason, self._clock.now()), [], runtime.run)
+        self._cancel_timers(runtime.strategy_id)
+
+    async def _give_up(self, event: OrderEvent, deliveries: int) -> None:
+        """An event that failed on every delivery ends with a recorded reason."""
+        async with self._locks.held(event.strategy_id):
+            found = await self._db.find(event.strategy_id)
+            existing = await self._db.get_order(event.order_id)
+            if found is None or (existing is not None and existing.status.final):
+                return
+            why = f"{event.intent.kind.value} abandoned after {deliveries} failed deliveries"
+            if existing is not None:
+                failed = replace(existing, status=OrderStatus.UNKNOWN, error=why)
+                await self._commit(None, [failed], event.run)
+            if found[1].run == event.run and found[1].status.live:
+                await self._fail(found[1], why)
+
+    async def _commit(self, runtime: Runtime | None, orders: list[Order], run: int) -> None:
+        """DB first (runtime and orders in one transaction), then Redis and the streams."""
+        if not await self._db.save(runtime, [(order, run) for order in orders]):
+            raise RuntimeError("runtime changed under the strategy lock (lock lost?)")
+        for order in orders:
+            await self._publish.order(order)
+        if runtime is not None:
+            await self._publish.runtime(runtime)
+
+
+def _waits_for_buy(intent: Intent, runtime: Runtime) -> bool:
+    """A SELL due before its BUY has completed runs after it, rather than being skipped."""
+    return (
+        intent is Intent.SELL
+        and runtime.position is Position.NONE
+        and runtime.status in (StrategyStatus.SCHEDULED, StrategyStatus.RUNNING)
+    )

@@ -1,0 +1,163 @@
+"""The order queue: Redis Streams read through one consumer group, exits before BUY/SELL.
+
+Why Streams and not BLMOVE lists: an entry a worker has taken stays in the group's pending list
+until it is acknowledged, so an entry whose worker died is found by XAUTOCLAIM and delivered
+again, with a delivery count that lets a poison event end with a recorded reason instead of
+looping. Lists would need a processing list per worker and a hand-written reaper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from server.domain import Intent
+from server.store import keys, scripts
+
+# A fired marker outlives the longest strategy (7 days of holding) with a margin.
+_FIRED_TTL_MS = 9 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class OrderEvent:
+    strategy_id: str
+    tenant: str
+    run: int
+    intent: Intent
+    order_id: str
+    due_at_us: int
+    fired_at_us: int
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "strategy_id": self.strategy_id,
+            "tenant": self.tenant,
+            "run": str(self.run),
+            "intent": self.intent.value,
+            "order_id": self.order_id,
+            "due_at": str(self.due_at_us),
+            "fired_at": str(self.fired_at_us),
+        }
+
+    @classmethod
+    def parse(cls, fields: dict[str, str]) -> OrderEvent:
+        return cls(
+            strategy_id=fields["strategy_id"],
+            tenant=fields["tenant"],
+            run=int(fields["run"]),
+            intent=Intent(fields["intent"]),
+            order_id=fields["order_id"],
+            due_at_us=int(fields["due_at"]),
+            fired_at_us=int(fields["fired_at"]),
+        )
+
+    @property
+    def lateness_s(self) -> float:
+        return (self.fired_at_us - self.due_at_us) / 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One entry taken from a queue: ack it when done, whatever the outcome."""
+
+    stream: str
+    entry_id: str
+    fields: dict[str, str]
+    deliveries: int = 1
+
+
+class OrderQueue:
+    def __init__(self, *, redis: Redis, consumer: str) -> None:
+        self._redis = redis
+        self.consumer = consumer
+        self._enqueue = redis.register_script(scripts.ENQUEUE_ONCE)
+
+    async def ensure_group(self) -> None:
+        for stream in (keys.EXIT_QUEUE, keys.ORDER_QUEUE):
+            try:
+                await self._redis.xgroup_create(stream, keys.ENGINE_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def enqueue(self, event: OrderEvent) -> str | None:
+        """Adds the event unless its intent was enqueued before; returns the entry id."""
+        stream = keys.EXIT_QUEUE if event.intent.is_exit else keys.ORDER_QUEUE
+        marker = keys.fired(event.strategy_id, event.run, _marker(event))
+        fields = [item for pair in event.fields().items() for item in pair]
+        entry = await self._enqueue(keys=[stream, marker], args=[_FIRED_TTL_MS, *fields])
+        return str(entry) if entry else None
+
+    async def take(self, block_ms: int) -> list[Delivery]:
+        """Up to one new entry from each stream, exits first; waits up to block_ms."""
+        reply = await self._redis.xreadgroup(
+            keys.ENGINE_GROUP,
+            self.consumer,
+            {keys.EXIT_QUEUE: ">", keys.ORDER_QUEUE: ">"},
+            count=1,
+            block=block_ms,
+        )
+        taken = [
+            Delivery(str(stream), str(entry_id), cast(dict[str, str], fields))
+            for stream, entries in cast(list[Any], reply or [])
+            for entry_id, fields in entries
+        ]
+        taken.sort(key=lambda d: d.stream != keys.EXIT_QUEUE)
+        return taken
+
+    async def reclaim(self, min_idle_ms: int, count: int = 64) -> list[Delivery]:
+        """Entries whose worker went quiet for min_idle_ms (it died): now ours."""
+        found: list[Delivery] = []
+        for stream in (keys.EXIT_QUEUE, keys.ORDER_QUEUE):
+            reply = await self._redis.xautoclaim(
+                stream, keys.ENGINE_GROUP, self.consumer, min_idle_ms, "0-0", count=count
+            )
+            entries = cast(list[Any], reply[1])
+            counts = await self._delivery_counts(stream, [e[0] for e in entries if e])
+            for entry_id, fields in entries:
+                if fields is not None:  # None: the entry was deleted meanwhile
+                    flat = cast(dict[str, str], fields)
+                    found.append(Delivery(stream, str(entry_id), flat, counts.get(entry_id, 1)))
+        return found
+
+    async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for entry_id in ids:
+            pending = await self._redis.xpending_range(
+                stream, keys.ENGINE_GROUP, min=entry_id, max=entry_id, count=1
+            )
+            for item in pending:
+                counts[str(item["message_id"])] = int(item["times_delivered"])
+        return counts
+
+    async def touch(self, delivery: Delivery) -> None:
+        """Resets the entry's idle time so no other process reclaims it while we work."""
+        await self._redis.xclaim(
+            delivery.stream,
+            keys.ENGINE_GROUP,
+            self.consumer,
+            0,
+            [delivery.entry_id],
+            justid=True,
+        )
+
+    async def ack(self, delivery: Delivery) -> None:
+        """Done with the entry: acknowledged and removed, so the streams stay small."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(delivery.stream, keys.ENGINE_GROUP, delivery.entry_id)
+            pipe.xdel(delivery.stream, delivery.entry_id)
+            await pipe.execute()
+
+    async def depth(self) -> dict[str, int]:
+        return {
+            stream: int(await self._redis.xlen(stream))
+            for stream in (keys.EXIT_QUEUE, keys.ORDER_QUEUE)
+        }
+
+
+def _marker(event: OrderEvent) -> str:
+    # Exits carry their own order id (a Stop may retry a failed exit with a new one).
+    return event.order_id if event.intent is Intent.EXIT else event.intent.value

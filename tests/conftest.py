@@ -1,0 +1,85 @@
+"""Fixtures: a real redis-server on a free port, the real server (grpc.aio) on a free port,
+real SQLite in a temp dir; tests call the generated stubs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from protos.algoplane.v1 import strategy_pb2_grpc
+from server.app import App
+from server.config import Settings
+from tests.support import SECRET, RedisProcess, aio_stub, auth, redis_process
+
+
+@pytest.fixture(scope="session")
+def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    with redis_process(tmp_path_factory.mktemp("redis")) as proc:
+        yield proc
+
+
+@dataclass
+class Harness:
+    """A running server and what a test needs to talk to it and inspect its state."""
+
+    app: App
+    settings: Settings
+    port: int
+    channel: grpc.aio.Channel
+    stub: strategy_pb2_grpc.StrategyServiceAsyncStub
+    redis: Redis
+
+    def md(self, tenant: str = "tenant-a") -> tuple[tuple[str, str]]:
+        return auth(tenant)
+
+
+def make_settings(redis_url: str, data_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "grpc_addr": "127.0.0.1:0",
+        "redis_url": redis_url,
+        "data_dir": data_dir,
+        "jwt_secret": SECRET,
+        "shutdown_grace_s": 1.0,
+        "health_interval_s": 0.2,
+        "redis_timeout_s": 1.0,
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+async def start_harness(settings: Settings) -> Harness:
+    app = App(settings)
+    running = await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    return Harness(
+        app=app,
+        settings=settings,
+        port=running.port,
+        channel=channel,
+        stub=aio_stub(channel),
+        redis=redis,
+    )
+
+
+async def stop_harness(harness: Harness) -> None:
+    await harness.channel.close(None)
+    await harness.redis.aclose()
+    await harness.app.stop()
+
+
+@pytest.fixture
+async def server(redis_proc: RedisProcess, tmp_path: Path) -> AsyncIterator[Harness]:
+    flush = Redis.from_url(redis_proc.url)
+    await flush.flushall()
+    await flush.aclose()
+    harness = await start_harness(make_settings(redis_proc.url, tmp_path / "data"))
+    try:
+        yield harness
+    finally:
+        await stop_harness(harness)

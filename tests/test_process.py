@@ -1,0 +1,208 @@
+"""`python -m server` as a real process: embedded defaults, SIGTERM, bad settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from protos.algoplane.v1 import strategy_pb2 as pb
+from tests.support import PYTHON, aio_stub, blocked_stream_readers, free_port, server_env, spec
+
+START_TIMEOUT_S = 30.0
+
+
+@dataclass
+class ServerProcess:
+    """One `python -m server` child; stdout is read for the address and the demo token."""
+
+    process: asyncio.subprocess.Process
+    log: Path
+    lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, env: dict[str, str], cwd: Path, log: Path) -> ServerProcess:
+        with log.open("ab") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                PYTHON,
+                "-m",
+                "server",
+                env=env,
+                cwd=cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+            )
+        return cls(process, log)
+
+    async def read_until(self, prefix: str) -> str:
+        """The first stdout line starting with `prefix` (earlier lines are kept)."""
+        assert self.process.stdout is not None
+        while True:
+            raw = await asyncio.wait_for(self.process.stdout.readline(), START_TIMEOUT_S)
+            if not raw:
+                raise AssertionError(f"server exited early:\n{self.log.read_text()}")
+            line = raw.decode().rstrip("\n")
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+
+    async def demo_token(self) -> str:
+        await self.read_until("algoplane: listening on")
+        await self.read_until("algoplane: demo token")
+        token = await self.read_until("")
+        assert token.count(".") == 2, token
+        return token
+
+    async def wait(self, timeout_s: float = 20.0) -> int:
+        code = await asyncio.wait_for(self.process.wait(), timeout_s)
+        assert self.process.stdout is not None
+        await self.process.stdout.read()
+        return code
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.wait()
+
+
+def md(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def wait_gone(pid: int, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while alive(pid):
+        if loop.time() > deadline:
+            raise AssertionError(f"process {pid} is still running")
+        await asyncio.sleep(0.05)
+
+
+async def test_embedded_defaults_sigterm_and_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    sock = data / "redis" / "redis.sock"
+    port = free_port()
+    env = server_env(ALGOPLANE_DATA_DIR=str(data), ALGOPLANE_GRPC_ADDR=f"127.0.0.1:{port}")
+    redis_pids: list[int] = []
+    server = await ServerProcess.start(env, tmp_path, tmp_path / "server.log")
+    try:
+        token = await server.demo_token()
+        assert f"algoplane: listening on 127.0.0.1:{port}" in server.lines
+
+        # Its own redis-server, on a unix socket in the data dir, with AOF on.
+        assert sock.is_socket()
+        redis = Redis(unix_socket_path=str(sock), decode_responses=True)
+        try:
+            assert await redis.config_get("appendonly") == {"appendonly": "yes"}
+            assert await redis.config_get("appendfsync") == {"appendfsync": "everysec"}
+            redis_pids.append(int((await redis.info("server"))["process_id"]))
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = aio_stub(channel)
+                listed = await stub.ListStrategies(pb.ListStrategiesRequest(), metadata=md(token))
+                assert list(listed.strategies) == []
+                created = await stub.CreateStrategy(
+                    pb.CreateStrategyRequest(spec=spec(symbol="KEEP")), metadata=md(token)
+                )
+                started = await stub.StartStrategy(
+                    pb.StartStrategyRequest(spec=spec(symbol="HOT")), metadata=md(token)
+                )
+
+                stream = stub.StreamRuntime(pb.StreamRuntimeRequest(), metadata=md(token))
+                await blocked_stream_readers(redis, 1)
+                server.process.send_signal(signal.SIGTERM)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await asyncio.wait_for(stream.read(), 10)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert await server.wait() == 0
+        finally:
+            await redis.aclose()
+
+        # The embedded redis-server stopped with it.
+        await wait_gone(redis_pids[0])
+        gone = Redis(unix_socket_path=str(sock), socket_timeout=1)
+        try:
+            with pytest.raises(RedisConnectionError):
+                await gone.ping()
+        finally:
+            await gone.aclose()
+
+        # A second start on the same data dir finds the strategies, the secret (the old
+        # token still works) and, through the AOF, the hot state.
+        server = await ServerProcess.start(env, tmp_path, tmp_path / "server2.log")
+        await server.demo_token()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = aio_stub(channel)
+            again = await stub.GetStrategy(
+                pb.GetStrategyRequest(strategy_id=created.id), metadata=md(token)
+            )
+            assert again == created
+            runtime = await stub.GetRuntime(
+                pb.GetRuntimeRequest(strategy_id=started.strategy_id), metadata=md(token)
+            )
+            assert runtime == started
+        redis = Redis(unix_socket_path=str(sock), decode_responses=True)
+        try:
+            redis_pids.append(int((await redis.info("server"))["process_id"]))
+            assert await redis.smembers("symbol:{HOT}:strategies") == {started.strategy_id}
+        finally:
+            await redis.aclose()
+        server.process.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+        await wait_gone(redis_pids[1])
+    finally:
+        await server.kill()
+        for pid in redis_pids:  # an orphaned embedded redis-server if the server was killed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ALGOPLANE_GRPC_ADDR", "nonsense"),
+        ("ALGOPLANE_LOG_LEVEL", "LOUD"),
+        ("ALGOPLANE_JWT_SECRET", "short"),
+        ("ALGOPLANE_REDIS_URL", "http://localhost:6379"),
+        ("ALGOPLANE_DATABASE_URL", "mysql://db"),
+        ("ALGOPLANE_STREAM_MAXLEN", "ten"),
+    ],
+)
+def test_malformed_setting_stops_startup(tmp_path: Path, name: str, value: str) -> None:
+    env = server_env(ALGOPLANE_DATA_DIR=str(tmp_path / "data"), **{name: value})
+    result = subprocess.run(
+        [PYTHON, "-m", "server"],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert name in lines[0]
+    if name == "ALGOPLANE_JWT_SECRET":
+        assert value not in lines[0]  # a secret is never echoed
+    assert result.stdout == ""
+    assert not (tmp_path / "data").exists()  # nothing was started or written
