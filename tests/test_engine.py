@@ -425,3 +425,37 @@ async def test_exits_jump_a_backlog_of_thousands(redis_proc: RedisProcess, tmp_p
 
         await eventually(exited, timeout_s=5)
         assert await h.redis.xlen("queue:orders") > 2500  # most of the backlog still waits
+
+
+async def test_failed_exit_keeps_the_position_and_stop_retries_it(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    async with pipeline(redis_proc, tmp_path) as h:
+        await h.redis.set("price:{SBIN}", "100")
+        sid = await start_precise(h, buy_in=0.8, hold=1.0)
+        await eventually(
+            lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=6
+        )
+        await h.redis.delete("price:{SBIN}")  # the SELL is rejected: no price
+        await reaches(h, sid, pb.STRATEGY_STATUS_FAILED, timeout_s=6)
+        failed = await runtime_of(h, sid)
+        assert failed.position == pb.POSITION_BOUGHT
+        assert failed.failure_reason == "SELL rejected by the broker: no price for SBIN"
+        assert not failed.HasField("terminated_at")
+
+        await h.redis.set("price:{SBIN}", "102")
+        stopped = await h.stub.StopStrategy(
+            pb.StopStrategyRequest(strategy_id=sid), metadata=h.md()
+        )
+        assert (stopped.status, stopped.position, stopped.exit_price) == (
+            pb.STRATEGY_STATUS_STOPPED,
+            pb.POSITION_SOLD,
+            "102",
+        )
+        assert stopped.failure_reason == ""
+        orders = [(o.id, o.status) for o in await orders_of(h, sid)]
+        assert orders == [
+            (client_order_id(sid, 1, Intent.BUY), pb.ORDER_STATUS_FILLED),
+            (client_order_id(sid, 1, Intent.SELL), pb.ORDER_STATUS_REJECTED),
+            (client_order_id(sid, 1, Intent.EXIT, 1), pb.ORDER_STATUS_FILLED),
+        ]
