@@ -8,8 +8,10 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -19,7 +21,7 @@ from redis.asyncio import Redis
 
 from protos.algoplane.v1 import strategy_pb2, strategy_pb2_grpc
 from server.api.auth import TokenVerifier
-from server.api.health import HealthReporter
+from server.api.health import FEED_HEALTH_SERVICE, HealthReporter
 from server.api.interceptors import AuthInterceptor, DecodeInterceptor, ErrorInterceptor
 from server.api.servicer import StrategyServicer
 from server.brokers.base import Broker
@@ -28,13 +30,17 @@ from server.clock import Clock, SystemClock
 from server.config import Settings
 from server.engine import EngineConfig, ExecutionEngine
 from server.manager import StrategyManager
+from server.market.formats import feed_format
+from server.market.listener import MarketListener
 from server.publisher import Publisher
 from server.scheduler import Scheduler
+from server.stoploss import StopLossGuard
 from server.store.db import Database
 from server.store.embedded_redis import EmbeddedRedis
 from server.store.locks import StrategyLocks
 from server.store.queue import OrderQueue
 from server.store.state import RedisState, connect
+from server.store.stoploss import StopLossIndex
 from server.streams import EventStreams
 
 log = logging.getLogger(__name__)
@@ -72,12 +78,17 @@ class App:
         self._state: RedisState | None = None
         self._streams: EventStreams | None = None
         self._health: HealthReporter | None = None
-        self._health_task: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._engine_redis: Redis | None = None
         self._scheduler: Scheduler | None = None
         self._engine: ExecutionEngine | None = None
-        self._sync_task: asyncio.Task[None] | None = None
+        self._listener: MarketListener | None = None
+        self._background: list[asyncio.Task[Any]] = []
+
+    @property
+    def listener(self) -> MarketListener | None:
+        """The market listener, when a feed is configured (its counters and state)."""
+        return self._listener
 
     async def start(self) -> Running:
         settings = self._settings
@@ -101,8 +112,10 @@ class App:
         manager = await self._start_pipeline(redis_url)
         self._streams = EventStreams(state=self._state)
         port = await self._start_server(manager, self._streams, TokenVerifier(secret))
-        self._health_task = asyncio.create_task(self._health_loop(), name="algoplane-health")
-        self._sync_task = asyncio.create_task(self._sync_loop(), name="algoplane-timer-sync")
+        self._spawn("health", self._health_loop())
+        self._spawn("timer-sync", self._sync_loop())
+        if self._listener is not None:
+            self._start_listener(self._listener)
         log.info("algoplane serving on port %d", port)
         return Running(port=port, jwt_secret=secret, secret_generated=generated)
 
@@ -125,6 +138,9 @@ class App:
         queue = OrderQueue(redis=self._engine_redis, consumer=_consumer_name())
         locks = StrategyLocks(redis=state.client, ttl_ms=settings.lock_ttl_ms)
         publisher = Publisher(state=state)
+        index = StopLossIndex(redis=state.client)
+        guard = StopLossGuard(index=index, queue=queue, state=state, clock=self._clock)
+        self._listener = self._market_listener(guard, index, publisher)
         self._scheduler = Scheduler(queue=queue, clock=self._clock)
         self._engine = ExecutionEngine(
             queue=queue,
@@ -132,13 +148,14 @@ class App:
             db=db,
             publisher=publisher,
             broker=self._broker(state),
+            stoploss=guard,
             clock=self._clock,
             config=engine_config,
             cancel_timers=self._scheduler.cancel,
         )
         await self._engine.start()
         self._scheduler.start()
-        self._scheduler.sync(await db.list_live())
+        await self._sync_timers()
         return StrategyManager(
             db=db,
             state=state,
@@ -146,8 +163,43 @@ class App:
             scheduler=self._scheduler,
             queue=queue,
             locks=locks,
+            stoploss=guard,
             clock=self._clock,
+            watch_symbol=self._listener.add if self._listener else lambda _symbol: None,
         )
+
+    def _market_listener(
+        self, guard: StopLossGuard, index: StopLossIndex, publisher: Publisher
+    ) -> MarketListener | None:
+        settings = self._settings
+        if not settings.feed_url:
+            log.warning("no ALGOPLANE_FEED_URL: prices come only from price:{SYMBOL} keys")
+            return None
+        assert self._state is not None
+        return MarketListener(
+            url=settings.feed_url,
+            fmt=feed_format(settings.feed_format),
+            guard=guard,
+            index=index,
+            state=self._state,
+            publisher=publisher,
+            max_backoff_s=settings.feed_max_backoff_s,
+            stale_s=settings.feed_stale_s,
+            report_health=self._report_feed,
+        )
+
+    def _start_listener(self, listener: MarketListener) -> None:
+        check_every = min(1.0, self._settings.feed_stale_s / 3)
+        self._spawn("feed", listener.run())
+        self._spawn("feed-staleness", _every(check_every, listener.check_staleness))
+        self._spawn("stoploss-sweep", _every(5.0, listener.sweep))
+
+    async def _report_feed(self, serving: bool) -> None:
+        if self._health is not None:
+            await self._health.set_detail(FEED_HEALTH_SERVICE, serving)
+
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
+        self._background.append(asyncio.create_task(coro, name=f"algoplane-{name}"))
 
     def _broker(self, state: RedisState) -> Broker:
         settings = self._settings
@@ -160,13 +212,20 @@ class App:
         )
 
     async def _sync_loop(self) -> None:
-        assert self._scheduler is not None and self._db is not None
         while True:
             await asyncio.sleep(self._settings.timer_sync_s)
             try:
-                self._scheduler.sync(await self._db.list_live())
+                await self._sync_timers()
             except Exception as exc:  # noqa: BLE001 - DB away: the next round retries
                 log.warning("timer sync failed: %s", exc)
+
+    async def _sync_timers(self) -> None:
+        """Timers and watched symbols follow the DB's live strategies (restarts, replicas)."""
+        assert self._scheduler is not None and self._db is not None
+        live = await self._db.list_live()
+        self._scheduler.sync(live)
+        if self._listener is not None:
+            self._listener.watch({strategy.spec.symbol for strategy, _ in live})
 
     async def _start_server(
         self, manager: StrategyManager, streams: EventStreams, verifier: TokenVerifier
@@ -240,11 +299,12 @@ class App:
             await self._server.stop(self._settings.shutdown_grace_s)
 
     async def _stop_pipeline(self) -> None:
-        for task in (self._sync_task, self._health_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._background = []
         if self._scheduler is not None:
             self._scheduler.stop()
         if self._engine is not None:
@@ -254,3 +314,13 @@ class App:
 def _consumer_name() -> str:
     """Unique per process, so the consumer group tells whose pending events are whose."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def _every(interval_s: float, step: Callable[[], Awaitable[object]]) -> None:
+    """A stoppable loop whose body is one call into tested code; a failing step is logged."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await step()
+        except Exception as exc:  # noqa: BLE001 - the next round tries again
+            log.warning("%s failed: %s", getattr(step, "__name__", step), exc)

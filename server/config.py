@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # How often every replica reloads the timers of all live strategies from the DB.
     timer_sync_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     broker: Literal["paper"] = "paper"
+    # Market data: empty URL runs without a feed (no stop-loss triggering from ticks).
+    feed_url: str = ""
+    feed_format: Literal["json", "binance"] = "json"
+    feed_max_backoff_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    feed_stale_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
     paper_latency_ms: Annotated[int, Field(ge=0, le=600_000)] = 0
     paper_timeout_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     paper_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -75,6 +80,13 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("feed_url")
+    @classmethod
+    def _feed_url(cls, value: str) -> str:
+        if value and not value.startswith(("ws://", "wss://")):
+            raise ValueError("expected a ws:// or wss:// URL")
         return value
 
     @field_validator("database_url")

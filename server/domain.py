@@ -135,6 +135,8 @@ class Runtime:
     last_sl_order_id: str = ""
     failure_reason: str = ""
     terminated_at: datetime | None = None
+    # Transient news about the strategy (a stale price feed); not part of the durable state.
+    notice: str = ""
 
 
 @dataclass(frozen=True, slots=True)

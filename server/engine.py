@@ -39,6 +39,7 @@ from server.domain import (
     strategy_failed,
 )
 from server.publisher import Publisher
+from server.stoploss import StopLossGuard
 from server.store.db import Database
 from server.store.locks import StrategyLocks
 from server.store.queue import Delivery, OrderEvent, OrderQueue
@@ -75,6 +76,7 @@ class ExecutionEngine:
         db: Database,
         publisher: Publisher,
         broker: Broker,
+        stoploss: StopLossGuard,
         clock: Clock,
         config: EngineConfig,
         cancel_timers: Callable[[str], None],
@@ -84,6 +86,7 @@ class ExecutionEngine:
         self._db = db
         self._publish = publisher
         self._broker = broker
+        self._stoploss = stoploss
         self._clock = clock
         self._config = config
         self._cancel_timers = cancel_timers
@@ -259,7 +262,7 @@ class ExecutionEngine:
             failed = replace(order, status=OrderStatus.FAILED, error=error, updated_at=now)
             why = f"{order.kind.value} failed after {order.attempts} attempts: {error}"
             await self._commit(strategy_failed(runtime, why, now), [failed], event.run)
-            self._cancel_timers(strategy.id)
+            await self._finish(strategy)
             return
         await self._record_reply(event, strategy, runtime, order, reply)
 
@@ -277,14 +280,16 @@ class ExecutionEngine:
             filled = replace(order, status=OrderStatus.FILLED, fill_price=reply.fill_price)
             after = order_filled(runtime, event.intent, reply.fill_price, now)
             await self._commit(after, [filled], event.run)
-            if event.intent is not Intent.BUY:
-                self._cancel_timers(strategy.id)
+            if event.intent is Intent.BUY:
+                await self._stoploss.arm(strategy)
+            else:
+                await self._finish(strategy)
             return
         if reply.status is BrokerOrderStatus.REJECTED:
             rejected = replace(order, status=OrderStatus.REJECTED, error=reply.reason)
             why = f"{order.kind.value} rejected by the broker: {reply.reason}"
             await self._commit(strategy_failed(runtime, why, now), [rejected], event.run)
-            self._cancel_timers(strategy.id)
+            await self._finish(strategy)
             return
         # Accepted but not filled: left SUBMITTED for the reconciler to follow.
         await self._commit(None, [replace(order, status=OrderStatus.SUBMITTED)], event.run)
@@ -348,6 +353,11 @@ class ExecutionEngine:
         )
         log.info("skipped %s: %s", event.order_id, reason)
         await self._commit(None, [skipped], event.run)
+
+    async def _finish(self, strategy: Strategy) -> None:
+        """The strategy will trade no more this run: no timers, no armed stop-loss."""
+        self._cancel_timers(strategy.id)
+        await self._stoploss.disarm(strategy)
 
     async def _fail(self, runtime: Runtime, reason: str) -> None:
         await self._commit(strategy_failed(runtime, reason, self._clock.now()), [], runtime.run)

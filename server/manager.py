@@ -12,7 +12,8 @@ import binascii
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from server.clock import Clock
 from server.domain import (
@@ -34,7 +35,8 @@ from server.domain import (
 )
 from server.errors import InvalidArgument, strategy_not_found
 from server.publisher import Publisher
-from server.scheduler import Scheduler, enqueue_with_retry
+from server.scheduler import Scheduler
+from server.stoploss import StopLossGuard
 from server.store.codec import (
     runtime_from_flat,
     runtime_to_flat,
@@ -69,7 +71,9 @@ class StrategyManager:
         scheduler: Scheduler,
         queue: OrderQueue,
         locks: StrategyLocks,
+        stoploss: StopLossGuard,
         clock: Clock,
+        watch_symbol: Callable[[str], None] = lambda _symbol: None,
         lock_wait_s: float = 15.0,
         exit_wait_s: float = 5.0,
     ) -> None:
@@ -79,6 +83,8 @@ class StrategyManager:
         self._scheduler = scheduler
         self._queue = queue
         self._locks = locks
+        self._stoploss = stoploss
+        self._watch_symbol = watch_symbol
         self._clock = clock
         self._lock_wait_s = lock_wait_s
         self._exit_wait_s = exit_wait_s
@@ -127,8 +133,7 @@ class StrategyManager:
         except IdempotencyConflict:
             replayed = await self._replay_after_race(tenant, key)
             return await self._ensure_hot(tenant, runtime_from_flat(replayed))
-        await self._publish(runtime, strategy)
-        self._scheduler.schedule(strategy, runtime)
+        await self._went_live(runtime, strategy)
         return runtime
 
     async def start_new(self, tenant: str, spec: StrategySpec, request_id: str) -> Runtime:
@@ -147,8 +152,7 @@ class StrategyManager:
         except IdempotencyConflict:
             replayed = await self._replay_after_race(tenant, key)
             return await self._ensure_hot(tenant, runtime_from_flat(replayed))
-        await self._publish(runtime, strategy)
-        self._scheduler.schedule(strategy, runtime)
+        await self._went_live(runtime, strategy)
         return runtime
 
     async def stop(self, tenant: str, strategy_id: str, keep_position: bool) -> Runtime:
@@ -168,6 +172,7 @@ class StrategyManager:
                     tenant, strategy_id, lambda _s, r: plan_stop(r, keep_position, now).runtime
                 )
                 await self._publish(current, strategy)
+                await self._stoploss.disarm(strategy)
                 return current
             else:
                 return current
@@ -189,7 +194,7 @@ class StrategyManager:
             due_at_us=to_micros(now),
             fired_at_us=to_micros(now),
         )
-        await enqueue_with_retry(self._queue, event)
+        await self._queue.enqueue(event)  # None: this exit was queued already
 
     async def _await_exit(self, tenant: str, strategy_id: str, before: Runtime) -> Runtime:
         deadline = asyncio.get_running_loop().time() + self._exit_wait_s
@@ -211,6 +216,9 @@ class StrategyManager:
         if hot is not None:
             if hot.tenant != tenant:
                 raise strategy_not_found(strategy_id)
+            if hot.status.live:  # the last tick, not only the last fill
+                price = await self._state.last_price(hot.symbol)
+                return replace(hot, last_price=price) if price is not None else hot
             return hot
         _, runtime = await self._load(tenant, strategy_id)
         return runtime
@@ -245,6 +253,11 @@ class StrategyManager:
             updated_at=now,
         )
         return strategy, runtime
+
+    async def _went_live(self, runtime: Runtime, strategy: Strategy) -> None:
+        await self._publish(runtime, strategy)
+        self._scheduler.schedule(strategy, runtime)
+        self._watch_symbol(strategy.spec.symbol)
 
     async def _publish(self, runtime: Runtime, strategy: Strategy) -> None:
         await self._publisher.runtime(runtime, strategy)

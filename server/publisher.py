@@ -17,5 +17,9 @@ class Publisher:
         if await self._state.put_runtime(runtime, strategy):
             await self._state.append_event("runtime", runtime.tenant, runtime_to_flat(runtime))
 
+    async def notice(self, runtime: Runtime) -> None:
+        """An event that carries news but no new state (Redis keeps no notice)."""
+        await self._state.append_event("runtime", runtime.tenant, runtime_to_flat(runtime))
+
     async def order(self, order: Order) -> None:
         await self._state.append_event("orders", order.tenant, order_to_flat(order))

@@ -7,7 +7,6 @@ so two replicas are safe and either one firing is enough.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime
@@ -21,8 +20,6 @@ from server.store.codec import to_micros
 from server.store.queue import OrderEvent, OrderQueue
 
 log = logging.getLogger(__name__)
-
-_ENQUEUE_ATTEMPTS = 20
 
 
 class Scheduler:
@@ -91,7 +88,6 @@ class Scheduler:
     async def _fire(
         self, strategy_id: str, tenant: str, run: int, intent: Intent, due_us: int
     ) -> None:
-        self._fired.add((strategy_id, run, intent))
         event = OrderEvent(
             strategy_id=strategy_id,
             tenant=tenant,
@@ -101,22 +97,9 @@ class Scheduler:
             due_at_us=due_us,
             fired_at_us=to_micros(self._clock.now()),
         )
-        await enqueue_with_retry(self._queue, event)
-
-
-async def enqueue_with_retry(queue: OrderQueue, event: OrderEvent) -> None:
-    """Enqueue-once is idempotent, so repeating it after an unknown outcome is safe."""
-    for attempt in range(_ENQUEUE_ATTEMPTS):
-        try:
-            entry = await queue.enqueue(event)
-        except Exception as exc:  # noqa: BLE001 - Redis away: retry, the script dedupes
-            log.warning("enqueue of %s %s failed (%s); retrying", event.intent, event.order_id, exc)
-            await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
-            continue
-        if entry is None:
-            log.info("%s of %s was already enqueued", event.intent.value, event.strategy_id)
-        return
-    log.error("could not enqueue %s for %s; recovery will", event.intent, event.strategy_id)
+        if await self._queue.enqueue_retrying(event):
+            self._fired.add((strategy_id, run, intent))
+        # else: not marked fired, so the next sync sets the timer again and it refires.
 
 
 def _job_id(strategy_id: str, intent: Intent) -> str:

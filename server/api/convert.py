@@ -86,6 +86,7 @@ def runtime_to_proto(runtime: Runtime) -> pb.Runtime:
         failure_reason=runtime.failure_reason,
         updated_at=_timestamp(runtime.updated_at),
         version=runtime.version,
+        notice=runtime.notice,
     )
     if runtime.terminated_at is not None:
         message.terminated_at.CopyFrom(_timestamp(runtime.terminated_at))

@@ -13,6 +13,9 @@ from grpc_health.v1 import health_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "algoplane.v1.StrategyService"
+# The feed's own entry: NOT_SERVING while disconnected or a symbol with positions is stale.
+# The server as a whole stays SERVING (orders still execute on the last prices).
+FEED_HEALTH_SERVICE = "algoplane.v1.MarketFeed"
 
 Check = Callable[[], Awaitable[None]]
 
@@ -62,6 +65,11 @@ class HealthReporter:
             await self.check_once()
             await asyncio.sleep(interval_s)
 
+    async def set_detail(self, service: str, serving: bool) -> None:
+        """The status of one part (the feed), beside the overall status."""
+        if not self._closed:
+            await self._servicer.set(service, _status(serving))
+
     async def shutdown(self) -> None:
         self._closed = True
         await self._servicer.enter_graceful_shutdown()
@@ -69,10 +77,13 @@ class HealthReporter:
     async def _publish(self, *, serving: bool) -> None:
         if self._closed:
             return
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for service in ("", SERVICE_NAME):
-            await self._servicer.set(service, status)
+            await self._servicer.set(service, _status(serving))
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus:
+    return (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )

@@ -92,6 +92,7 @@ def runtime_to_flat(runtime: Runtime) -> Flat:
         "last_sl_order_id": runtime.last_sl_order_id,
         "failure_reason": runtime.failure_reason,
         "terminated_at": str(to_micros(runtime.terminated_at)) if runtime.terminated_at else "",
+        "notice": runtime.notice,
     }
     return {key: value for key, value in flat.items() if value != ""}
 
@@ -114,6 +115,7 @@ def runtime_from_flat(flat: Flat) -> Runtime:
         last_sl_order_id=flat.get("last_sl_order_id", ""),
         failure_reason=flat.get("failure_reason", ""),
         terminated_at=_opt_time(flat.get("terminated_at", "")),
+        notice=flat.get("notice", ""),
     )
 
 

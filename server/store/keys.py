@@ -50,6 +50,18 @@ def symbol_strategies(symbol: str) -> str:
     return f"symbol:{{{symbol}}}:strategies"
 
 
+def stoploss_armed(symbol: str) -> str:
+    """Sorted set: strategies holding a position on the symbol, scored by stop-loss price.
+    Members are `<stop-loss as 19 fixed digits>:<id>` so Lua compares prices exactly."""
+    return f"symbol:{{{symbol}}}:stoploss"
+
+
+def stoploss_fired(symbol: str) -> str:
+    """Hash: strategy id -> the price that breached its stop-loss, kept until the STOPLOSS
+    event is enqueued, so a trigger survives a crash between the two."""
+    return f"symbol:{{{symbol}}}:stoploss:fired"
+
+
 def price(symbol: str) -> str:
     """String: the last price the market listener saw for a symbol."""
     return f"price:{{{symbol}}}"

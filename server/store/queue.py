@@ -8,6 +8,8 @@ looping. Lists would need a processing list per worker and a hand-written reaper
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -16,6 +18,8 @@ from redis.exceptions import ResponseError
 
 from server.domain import Intent
 from server.store import keys, scripts
+
+log = logging.getLogger(__name__)
 
 # A fired marker outlives the longest strategy (7 days of holding) with a margin.
 _FIRED_TTL_MS = 9 * 24 * 3600 * 1000
@@ -90,6 +94,22 @@ class OrderQueue:
         fields = [item for pair in event.fields().items() for item in pair]
         entry = await self._enqueue(keys=[stream, marker], args=[_FIRED_TTL_MS, *fields])
         return str(entry) if entry else None
+
+    async def enqueue_retrying(self, event: OrderEvent, attempts: int = 20) -> bool:
+        """Enqueue-once is idempotent, so repeating it after an unknown outcome is safe.
+        True once the event is in the queue (now or before); False after `attempts`."""
+        for attempt in range(attempts):
+            try:
+                entry = await self.enqueue(event)
+            except Exception as exc:  # noqa: BLE001 - Redis away: retry, the script dedupes
+                log.warning("enqueue of %s failed (%s); retrying", event.order_id, exc)
+                await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+                continue
+            if entry is None:
+                log.info("%s was already enqueued", event.order_id)
+            return True
+        log.error("could not enqueue %s", event.order_id)
+        return False
 
     async def take(self, block_ms: int) -> list[Delivery]:
         """Up to one new entry from each stream, exits first; waits up to block_ms."""

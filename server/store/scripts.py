@@ -85,3 +85,39 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
 end
 return redis.call('HGET', KEYS[1], ARGV[1])
 """
+
+# Stores a tick's price and takes every armed stop-loss it breaches (stop_loss >= price) out of
+# the armed set into the fired hash, in one step: O(log n + triggered), and a strategy fires
+# once. With an empty ARGV[1] it re-checks the stored price (used right after arming, so a
+# tick that came while the BUY was in flight is not lost).
+# KEYS[1] price:{SYMBOL}   KEYS[2] symbol:{SYMBOL}:stoploss   KEYS[3] symbol:{SYMBOL}:stoploss:fired
+# ARGV[1] the new price as a plain decimal string ('' = use the stored one)
+# Returns the ids of the strategies that fired.
+STOPLOSS_TRIGGER = """
+local price = ARGV[1]
+if price == '' then
+  price = redis.call('GET', KEYS[1])
+  if not price then
+    return {}
+  end
+else
+  redis.call('SET', KEYS[1], price)
+end
+local int, frac = string.match(price, '^(%d+)%.?(%d*)$')
+if not int or #int > 10 or #frac > 8 then
+  return redis.error_reply('bad price ' .. price)
+end
+local padded = string.rep('0', 10 - #int) .. int .. '.' .. frac .. string.rep('0', 8 - #frac)
+-- Scores are doubles: take a slightly wider range, then compare the exact padded decimals.
+local low = tonumber(price) * (1 - 1e-12)
+local fired = {}
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], low, '+inf')) do
+  if string.sub(member, 1, 19) >= padded then
+    local id = string.sub(member, 21)
+    redis.call('ZREM', KEYS[2], member)
+    redis.call('HSET', KEYS[3], id, price)
+    fired[#fired + 1] = id
+  end
+end
+return fired
+"""

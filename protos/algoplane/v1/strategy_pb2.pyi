@@ -212,6 +212,7 @@ class Runtime(_message.Message):
     TERMINATED_AT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     SYMBOL_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     strategy_id: _builtins.str
     status: Global___StrategyStatus.ValueType
     position: Global___Position.ValueType
@@ -225,6 +226,8 @@ class Runtime(_message.Message):
     version: _builtins.int
     """Increases by one with every change; a reader can drop stale snapshots."""
     symbol: _builtins.str
+    notice: _builtins.str
+    """News that is not a state change, e.g. "no price for SBIN for 30s" (the same version)."""
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -246,10 +249,11 @@ class Runtime(_message.Message):
         terminated_at: _timestamp_pb2.Timestamp | None = ...,
         version: _builtins.int = ...,
         symbol: _builtins.str = ...,
+        notice: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["terminated_at", b"terminated_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_price", b"entry_price", "exit_price", b"exit_price", "failure_reason", b"failure_reason", "last_buy_order_id", b"last_buy_order_id", "last_price", b"last_price", "last_sell_order_id", b"last_sell_order_id", "last_sl_order_id", b"last_sl_order_id", "position", b"position", "status", b"status", "strategy_id", b"strategy_id", "symbol", b"symbol", "terminated_at", b"terminated_at", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_price", b"entry_price", "exit_price", b"exit_price", "failure_reason", b"failure_reason", "last_buy_order_id", b"last_buy_order_id", "last_price", b"last_price", "last_sell_order_id", b"last_sell_order_id", "last_sl_order_id", b"last_sl_order_id", "notice", b"notice", "position", b"position", "status", b"status", "strategy_id", b"strategy_id", "symbol", b"symbol", "terminated_at", b"terminated_at", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

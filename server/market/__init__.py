@@ -1,0 +1,1 @@
+"""Market data: feed formats and the MarketListener that turns ticks into stop-loss triggers."""

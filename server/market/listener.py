@@ -1,0 +1,189 @@
+"""MarketListener: a websocket client that stores every price and triggers stop-losses.
+
+It connects to ALGOPLANE_FEED_URL, subscribes to the symbols of live strategies (again on
+every reconnect and whenever that set changes), and never stops trying: a drop is followed by
+exponential backoff with jitter, capped. Bad messages are counted and logged, never fatal.
+A symbol with open positions that gets no tick for `stale_s` is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
+
+from server.market.formats import FeedError, FeedFormat, Tick
+from server.publisher import Publisher
+from server.stoploss import StopLossGuard
+from server.store.state import RedisState
+from server.store.stoploss import StopLossIndex
+
+log = logging.getLogger(__name__)
+
+HealthReport = Callable[[bool], Awaitable[None]]
+MAX_MESSAGE_BYTES = 1024 * 1024
+_BASE_BACKOFF_S = 0.2
+
+
+def backoff_delay(attempt: int, cap_s: float, rng: random.Random) -> float:
+    """Exponential with 'equal jitter': half fixed, half random, never above the cap."""
+    ceiling = min(cap_s, _BASE_BACKOFF_S * float(2 ** min(attempt, 32)))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+class MarketListener:
+    def __init__(
+        self,
+        *,
+        url: str,
+        fmt: FeedFormat,
+        guard: StopLossGuard,
+        index: StopLossIndex,
+        state: RedisState,
+        publisher: Publisher,
+        max_backoff_s: float,
+        stale_s: float,
+        report_health: HealthReport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._url = url
+        self._fmt = fmt
+        self._guard = guard
+        self._index = index
+        self._state = state
+        self._publisher = publisher
+        self._max_backoff = max_backoff_s
+        self._stale_s = stale_s
+        self._report = report_health
+        self._rng = rng or random.Random()
+        self.stats: Counter[str] = Counter()
+        self.connected = False
+        self._symbols: frozenset[str] = frozenset()
+        self._changed = asyncio.Event()
+        self._last_tick: dict[str, float] = {}
+        self._stale: set[str] = set()
+
+    @property
+    def symbols(self) -> frozenset[str]:
+        return self._symbols
+
+    @property
+    def stale(self) -> frozenset[str]:
+        return frozenset(self._stale)
+
+    def watch(self, symbols: set[str] | frozenset[str]) -> None:
+        """The symbols of live strategies; a change is sent to the feed at once."""
+        new = frozenset(symbols)
+        if new != self._symbols:
+            now = asyncio.get_running_loop().time()
+            for symbol in new - self._symbols:
+                self._last_tick.setdefault(symbol, now)  # staleness counts from here
+            self._symbols = new
+            self._changed.set()
+
+    def add(self, symbol: str) -> None:
+        self.watch(self._symbols | {symbol})
+
+    async def run(self) -> None:
+        """Connect, read, reconnect; forever (cancel to stop)."""
+        attempt = 0
+        while True:
+            try:
+                async with connect(
+                    self._url, open_timeout=10, max_size=MAX_MESSAGE_BYTES, ping_interval=20
+                ) as ws:
+                    attempt = 0
+                    await self._session(ws)
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                log.warning("feed %s: %s", self._url, exc or type(exc).__name__)
+            self._set_connected(False)
+            self.stats["reconnects"] += 1
+            await asyncio.sleep(backoff_delay(attempt, self._max_backoff, self._rng))
+            attempt += 1
+
+    async def _session(self, ws: ClientConnection) -> None:
+        log.info("feed connected: %s", self._url)
+        self._set_connected(True)
+        self._changed.set()  # (re)subscribe on every connect
+        subscriber = asyncio.create_task(self._subscribe_on_change(ws))
+        try:
+            async for message in ws:
+                await self.handle(message)
+        finally:
+            subscriber.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await subscriber
+
+    async def _subscribe_on_change(self, ws: ClientConnection) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            message = self._fmt.subscribe(sorted(self._symbols))
+            if message is not None and self._symbols:
+                await ws.send(message)
+                self.stats["subscribes"] += 1
+
+    async def handle(self, message: str | bytes) -> None:
+        """One feed message: every valid tick of a watched symbol is stored and checked."""
+        self.stats["messages"] += 1
+        for item in self._fmt.parse(message):
+            if isinstance(item, FeedError):
+                self._count(item.reason, str(item))
+            elif item.symbol not in self._symbols:
+                self._count("unknown_symbol", item.symbol)
+            else:
+                await self._tick(item)
+
+    async def _tick(self, tick: Tick) -> None:
+        self._last_tick[tick.symbol] = asyncio.get_running_loop().time()
+        self.stats["ticks"] += 1
+        try:
+            fired = await self._guard.on_price(tick.symbol, tick.price)
+        except Exception as exc:  # noqa: BLE001 - Redis away: count it, keep reading
+            self._count("store_errors", str(exc))
+            return
+        self.stats["stoploss_fired"] += fired
+
+    def _count(self, reason: str, detail: str) -> None:
+        self.stats[reason] += 1
+        # The first few of each kind are logged in full; the rest only counted.
+        if self.stats[reason] <= 5 or self.stats[reason] % 1000 == 0:
+            log.warning("feed: %s (%d so far): %s", reason, self.stats[reason], detail[:200])
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+
+    async def check_staleness(self) -> set[str]:
+        """Symbols holding positions with no tick for stale_s; reports each change once."""
+        now = asyncio.get_running_loop().time()
+        stale: set[str] = set()
+        for symbol in self._symbols:
+            quiet = now - self._last_tick.get(symbol, now)
+            if quiet >= self._stale_s and await self._index.armed_count(symbol) > 0:
+                stale.add(symbol)
+        for symbol in stale - self._stale:
+            log.warning("feed: no price for %s for %.0fs", symbol, self._stale_s)
+            await self._notify(symbol, f"no price for {symbol} for {self._stale_s:g}s")
+        for symbol in self._stale - stale:
+            await self._notify(symbol, f"prices for {symbol} flowing again")
+        self._stale = stale
+        if self._report is not None:
+            await self._report(self.connected and not stale)
+        return stale
+
+    async def _notify(self, symbol: str, notice: str) -> None:
+        """A runtime event carrying the notice, for every position on the symbol."""
+        for strategy_id in await self._index.armed_ids(symbol):
+            runtime = await self._state.get_runtime(strategy_id)
+            if runtime is not None:
+                await self._publisher.notice(replace(runtime, notice=notice))
+
+    async def sweep(self) -> None:
+        await self._guard.sweep(set(self._symbols))

@@ -1,0 +1,75 @@
+"""StopLossGuard: arms and disarms positions in the stop-loss index and hands every trigger
+to the queue as a STOPLOSS event (exit priority).
+
+A trigger first lands in the index's fired hash (atomically with its removal from the armed
+set), then is enqueued, then cleared; `sweep` re-enqueues what a crash left in between, and
+enqueue-once makes that safe. So a trigger is never lost and never fires twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+
+from server.clock import Clock
+from server.domain import Intent, Position, Strategy, StrategyStatus, client_order_id
+from server.store.codec import to_micros
+from server.store.queue import OrderEvent, OrderQueue
+from server.store.state import RedisState
+from server.store.stoploss import StopLossIndex
+
+log = logging.getLogger(__name__)
+
+
+class StopLossGuard:
+    def __init__(
+        self, *, index: StopLossIndex, queue: OrderQueue, state: RedisState, clock: Clock
+    ) -> None:
+        self._index = index
+        self._queue = queue
+        self._state = state
+        self._clock = clock
+
+    async def arm(self, strategy: Strategy) -> None:
+        """Arms a fresh position, then checks the last price: a tick that breached the
+        stop-loss while the BUY was in flight exits it at once."""
+        spec = strategy.spec
+        await self._index.arm(spec.symbol, strategy.id, spec.stop_loss)
+        await self.hand_over(spec.symbol, await self._index.recheck(spec.symbol))
+
+    async def disarm(self, strategy: Strategy) -> None:
+        await self._index.disarm(strategy.spec.symbol, strategy.id, strategy.spec.stop_loss)
+
+    async def on_price(self, symbol: str, price: Decimal) -> int:
+        """One tick: stored and checked in one step; returns how many stop-losses fired."""
+        fired = await self._index.tick(symbol, price)
+        await self.hand_over(symbol, fired)
+        return len(fired)
+
+    async def sweep(self, symbols: set[str]) -> None:
+        """Hands over triggers a crash left between firing and enqueueing."""
+        for symbol in symbols:
+            pending = await self._index.fired(symbol)
+            if pending:
+                log.warning("re-enqueueing %d stop-loss triggers on %s", len(pending), symbol)
+                await self.hand_over(symbol, pending)
+
+    async def hand_over(self, symbol: str, strategy_ids: list[str]) -> None:
+        for strategy_id in strategy_ids:
+            runtime = await self._state.get_runtime(strategy_id)
+            holding = runtime is not None and runtime.position is Position.BOUGHT
+            if runtime is not None and holding and runtime.status is StrategyStatus.RUNNING:
+                now = to_micros(self._clock.now())
+                event = OrderEvent(
+                    strategy_id=strategy_id,
+                    tenant=runtime.tenant,
+                    run=runtime.run,
+                    intent=Intent.STOPLOSS,
+                    order_id=client_order_id(strategy_id, runtime.run, Intent.STOPLOSS),
+                    due_at_us=now,
+                    fired_at_us=now,
+                )
+                log.info("stop-loss of %s breached on %s", strategy_id, symbol)
+                if not await self._queue.enqueue_retrying(event):
+                    continue  # stays in the fired hash; the next sweep tries again
+            await self._index.handed_over(symbol, strategy_id)

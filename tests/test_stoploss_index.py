@@ -1,0 +1,68 @@
+"""The stop-loss index on a real Redis: only breached stop-losses fire, once, exactly."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+from redis.asyncio import Redis
+
+from server.store.state import connect
+from server.store.stoploss import StopLossIndex
+from tests.support import RedisProcess
+
+
+@pytest.fixture
+async def redis(redis_proc: RedisProcess) -> AsyncIterator[Redis]:
+    client = connect(redis_proc.url, timeout_s=10)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+async def test_a_tick_fires_exactly_the_breached_ones_among_ten_thousand(redis: Redis) -> None:
+    index = StopLossIndex(redis=redis)
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(10_000):  # stop-losses 50.00 .. 149.99
+            stop = Decimal(5000 + n) / 100
+            pipe.zadd("symbol:{SBIN}:stoploss", {f"{stop:019.8f}:s{n}": float(stop)})
+        await pipe.execute()
+    fired = await index.tick("SBIN", Decimal("149.5"))
+    assert sorted(fired) == sorted(f"s{n}" for n in range(9950, 10_000))
+    assert await redis.get("price:{SBIN}") == "149.5"
+    assert await index.armed_count("SBIN") == 9950
+    # A lower tick fires only the newly breached; the fired ones never again.
+    again = await index.tick("SBIN", Decimal("149.4"))
+    assert sorted(again) == sorted(f"s{n}" for n in range(9940, 9950))
+    assert await index.tick("SBIN", Decimal("149.4")) == []
+    assert set(await index.fired("SBIN")) == {f"s{n}" for n in range(9940, 10_000)}
+    # A higher tick fires nothing.
+    assert await index.tick("SBIN", Decimal("200")) == []
+
+
+async def test_comparison_is_exact_at_eight_decimals(redis: Redis) -> None:
+    index = StopLossIndex(redis=redis)
+    await index.arm("X", "at", Decimal("1234567890.12345678"))
+    await index.arm("above", "above", Decimal("1"))  # another symbol, untouched
+    assert await index.tick("X", Decimal("1234567890.12345679")) == []
+    assert await index.tick("X", Decimal("1234567890.12345678")) == ["at"]
+
+
+async def test_recheck_uses_the_stored_price(redis: Redis) -> None:
+    index = StopLossIndex(redis=redis)
+    assert await index.recheck("SBIN") == []  # no price yet
+    await index.tick("SBIN", Decimal("90"))
+    await index.arm("SBIN", "late", Decimal("95"))  # armed after the breaching tick
+    assert await index.recheck("SBIN") == ["late"]
+
+
+async def test_disarm_and_hand_over(redis: Redis) -> None:
+    index = StopLossIndex(redis=redis)
+    await index.arm("SBIN", "a", Decimal("95"))
+    await index.arm("SBIN", "b", Decimal("96"))
+    await index.disarm("SBIN", "a", Decimal("95"))
+    assert await index.armed_ids("SBIN") == ["b"]
+    assert await index.tick("SBIN", Decimal("10")) == ["b"]
+    await index.handed_over("SBIN", "b")
+    assert await index.fired("SBIN") == []
