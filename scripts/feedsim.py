@@ -224,6 +224,8 @@ class FeedSimulator:
         self._clients: list[_Client] = []
         self._first_client = asyncio.Event()
         self._trade_ids: dict[str, int] = {}
+        # Every subscribe message received (json `action: subscribe` and Binance `SUBSCRIBE`),
+        # parsed, valid or not, oldest first; kept across reconnects, for tests.
         self.subscribe_messages: list[Any] = []
 
     # -- lifecycle

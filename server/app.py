@@ -33,6 +33,7 @@ from server.manager import StrategyManager
 from server.market.formats import feed_format
 from server.market.listener import MarketListener
 from server.publisher import Publisher
+from server.recovery import Recovery
 from server.scheduler import Scheduler
 from server.stoploss import StopLossGuard
 from server.store.db import Database
@@ -83,6 +84,8 @@ class App:
         self._scheduler: Scheduler | None = None
         self._engine: ExecutionEngine | None = None
         self._listener: MarketListener | None = None
+        self._recovery: Recovery | None = None
+        self._recovered = False
         self._background: list[asyncio.Task[Any]] = []
 
     @property
@@ -109,19 +112,57 @@ class App:
             stream_client=connect(redis_url, timeout_s=settings.redis_timeout_s + 2),
             stream_maxlen=settings.stream_maxlen,
         )
-        manager = await self._start_pipeline(redis_url)
+        manager = self._build_pipeline(redis_url)
         self._streams = EventStreams(state=self._state)
         port = await self._start_server(manager, self._streams, TokenVerifier(secret))
         self._spawn("health", self._health_loop())
-        self._spawn("timer-sync", self._sync_loop())
-        if self._listener is not None:
-            self._start_listener(self._listener)
-        log.info("algoplane serving on port %d", port)
+        log.info("algoplane serving reads on port %d; recovering before it trades", port)
+        await self._recover_until_done()
+        await self._start_trading(manager)
+        log.info("algoplane trading on port %d", port)
         return Running(port=port, jwt_secret=secret, secret_generated=generated)
 
-    async def _start_pipeline(self, redis_url: str) -> StrategyManager:
-        """Queue, locks, broker, scheduler and engine, started; returns the manager that
-        the API drives them through."""
+    async def _recover_until_done(self) -> None:
+        """Health stays NOT_SERVING and Start/Stop answer UNAVAILABLE until this is done;
+        with Redis or the DB away it keeps trying."""
+        assert self._recovery is not None
+        delay = 0.2
+        while True:
+            try:
+                await self._recovery.recover()
+                self._recovered = True
+                return
+            except Exception as exc:  # noqa: BLE001 - a dependency is away: try again
+                log.warning("recovery failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _start_trading(self, manager: StrategyManager) -> None:
+        assert self._engine is not None and self._scheduler is not None
+        await self._engine.start()
+        self._scheduler.start()
+        await self._sync_timers()
+        self._spawn("timer-sync", self._sync_loop())
+        self._spawn("reconcile", _every(self._settings.timer_sync_s, self._maintain))
+        if self._listener is not None:
+            self._start_listener(self._listener)
+        manager.open_for_trading()
+        if self._health is not None:
+            await self._health.check_once()
+
+    async def _maintain(self) -> None:
+        """Rebuild Redis if it lost its data; settle orders left unfinished."""
+        assert self._recovery is not None
+        await self._recovery.rebuild_if_lost()
+        await self._recovery.reconcile()
+
+    async def _recovered_check(self) -> None:
+        if not self._recovered:
+            raise RuntimeError("recovery has not finished")
+
+    def _build_pipeline(self, redis_url: str) -> StrategyManager:
+        """Queue, locks, broker, scheduler, engine and recovery (not started yet); returns
+        the manager that the API drives them through."""
         settings, state, db = self._settings, self._state, self._db
         assert state is not None and db is not None
         engine_config = EngineConfig(
@@ -153,9 +194,15 @@ class App:
             config=engine_config,
             cancel_timers=self._scheduler.cancel,
         )
-        await self._engine.start()
-        self._scheduler.start()
-        await self._sync_timers()
+        self._recovery = Recovery(
+            db=db,
+            redis=state.client,
+            publisher=publisher,
+            guard=guard,
+            engine=self._engine,
+            clock=self._clock,
+            settle_after_s=settings.reconcile_after_s,
+        )
         return StrategyManager(
             db=db,
             state=state,
@@ -256,7 +303,11 @@ class App:
         assert self._db is not None and self._state is not None
         self._health = HealthReporter(
             servicer=health_servicer,
-            checks={"redis": self._state.ping, "database": self._db.ping},
+            checks={
+                "redis": self._state.ping,
+                "database": self._db.ping,
+                "recovery": self._recovered_check,
+            },
             timeout_s=self._settings.redis_timeout_s,
         )
         await self._health.check_once()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -63,14 +64,24 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = App(settings)
+    starting = asyncio.create_task(app.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a signal while recovering: stop cleanly all the same
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        await app.stop()
+        return 0
     try:
-        running = await app.start()
+        running = starting.result()
     except Exception as exc:  # noqa: BLE001 - any start failure is reported in one line
+        stopping.cancel()
         await app.stop()
         print(f"algoplane: cannot start: {exc}", file=sys.stderr)
         return 1
     _announce(settings, running.port, running.jwt_secret, running.secret_generated)
-    await stop.wait()
+    await stopping
     logging.getLogger(__name__).info("shutting down")
     await app.stop()
     return 0

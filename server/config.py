@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     lock_ttl_ms: Annotated[int, Field(ge=100, le=600_000)] = 10_000
     # How often every replica reloads the timers of all live strategies from the DB.
     timer_sync_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    # Orders not final and untouched this long are settled with the broker by the reconciler.
+    reconcile_after_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
     broker: Literal["paper"] = "paper"
     # Market data: empty URL runs without a feed (no stop-loss triggering from ticks).
     feed_url: str = ""

@@ -89,6 +89,17 @@ class Intent(StrEnum):
         return self in (Intent.STOPLOSS, Intent.EXIT)
 
 
+_ORDER_ID_RE = re.compile(r"^(stg_[0-9a-f]{32})-(\d+)-(buy|sell|sl|exit)(\d*)$")
+
+
+def parse_client_order_id(order_id: str) -> tuple[str, int, Intent]:
+    """(strategy id, run, intent) of one of our client order ids; ValueError otherwise."""
+    match = _ORDER_ID_RE.fullmatch(order_id)
+    if match is None:
+        raise ValueError(f"{order_id!r} is not an algoplane client order id")
+    return match.group(1), int(match.group(2)), Intent(match.group(3))
+
+
 def client_order_id(strategy_id: str, run: int, intent: Intent, seq: int = 1) -> str:
     """Deterministic: the same run and intent always give the same id, so a retry after a
     timeout or a crash can never become a second order at a broker that dedupes."""
@@ -262,9 +273,9 @@ class StopPlan:
 def plan_stop(current: Runtime, keep_position: bool, now: datetime) -> StopPlan:
     """Live or failed-with-a-position -> STOPPED, after an exit unless keep_position.
     Stopping a stopped strategy changes nothing."""
-    if current.status is StrategyStatus.STOPPED:
-        return StopPlan(current, exit_position=False)
     holding = current.position is Position.BOUGHT
+    if current.status is StrategyStatus.STOPPED:  # kept its position, or a late fill
+        return StopPlan(current, exit_position=holding and not keep_position)
     if not current.status.live and not (holding and current.status is StrategyStatus.FAILED):
         raise FailedPrecondition(
             f"strategy {current.strategy_id} is CREATED, not started"

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import Enum
 
 from server.brokers.base import (
@@ -35,11 +36,13 @@ from server.domain import (
     StrategyStatus,
     order_filled,
     order_submitted,
+    parse_client_order_id,
     refusal,
     strategy_failed,
 )
 from server.publisher import Publisher
 from server.stoploss import StopLossGuard
+from server.store.codec import to_micros
 from server.store.db import Database
 from server.store.locks import StrategyLocks
 from server.store.queue import Delivery, OrderEvent, OrderQueue
@@ -130,6 +133,9 @@ class ExecutionEngine:
             except Exception as exc:  # noqa: BLE001 - Redis away: pause, then go on
                 log.warning("engine cannot read the queue: %s", exc)
                 await asyncio.sleep(0.5)
+                if "NOGROUP" in str(exc):  # Redis lost its data: the group comes back first
+                    with contextlib.suppress(Exception):
+                        await self._queue.ensure_group()
                 continue
             finally:
                 self._idle.discard(me)
@@ -203,13 +209,65 @@ class ExecutionEngine:
         if existing is not None and existing.status.final:
             log.info("duplicate event for %s (%s) dropped", event.order_id, existing.status)
             return Outcome.DONE
-        if existing is None:
-            started = await self._begin(event, strategy, runtime)
-            if isinstance(started, Outcome):
-                return started
-            existing, runtime = started
-        await self._send(event, strategy, runtime, existing)
+        if existing is not None:  # committed before: a crash, a timeout, or reconciliation
+            await self._resume(event, strategy, runtime, existing)
+            return Outcome.DONE
+        started = await self._begin(event, strategy, runtime)
+        if isinstance(started, Outcome):
+            return started
+        order, runtime = started
+        await self._send(event, strategy, runtime, order)
         return Outcome.DONE
+
+    async def reconcile(self, order: Order, run: int) -> None:
+        """Settles an order whose intent is committed but not final: ask the broker first,
+        record what it says, place again (same id) only while its moment has not passed."""
+        strategy_id, _, intent = parse_client_order_id(order.id)
+        now = to_micros(self._clock.now())
+        event = OrderEvent(strategy_id, order.tenant, run, intent, order.id, now, now)
+        async with self._locks.held(strategy_id, timeout_s=self._config.broker_timeout_s * 10):
+            await self.execute(event)
+
+    async def _resume(
+        self, event: OrderEvent, strategy: Strategy, runtime: Runtime, order: Order
+    ) -> None:
+        found = await self._lookup(order.id)
+        if isinstance(found, BrokerOrder) and event.run != runtime.run:
+            # An order of an earlier run: its outcome goes in the log, the runtime is past it.
+            await self._commit(None, [_settled(order, found, self._clock.now())], event.run)
+            return
+        if isinstance(found, BrokerOrder):
+            await self._record_reply(event, strategy, runtime, order, found)
+            return
+        if found is _UNKNOWN:  # cannot tell whether it exists: never guess
+            await self._leave_unknown(order, event.run, "broker unreachable while reconciling")
+            return
+        too_late = self._too_late(event.intent, strategy)
+        if too_late:
+            now = self._clock.now()
+            failed = replace(order, status=OrderStatus.FAILED, error=too_late, updated_at=now)
+            await self._commit(strategy_failed(runtime, too_late, now), [failed], event.run)
+            await self._finish(strategy)
+            return
+        await self._send(event, strategy, runtime, order)
+
+    def _too_late(self, intent: Intent, strategy: Strategy) -> str:
+        """A BUY the broker never got may still be placed within the grace; an exit always."""
+        if intent is not Intent.BUY:
+            return ""
+        late = (self._clock.now() - strategy.spec.buy_time).total_seconds()
+        if late <= self._config.buy_grace_s:
+            return ""
+        return (
+            f"BUY not placed: the broker never received it and buy_time passed {late:.1f}s "
+            f"ago, beyond the {self._config.buy_grace_s:g}s grace"
+        )
+
+    async def _leave_unknown(self, order: Order, run: int, why: str) -> None:
+        unknown = replace(
+            order, status=OrderStatus.UNKNOWN, error=why, updated_at=self._clock.now()
+        )
+        await self._commit(None, [unknown], run)
 
     async def _begin(
         self, event: OrderEvent, strategy: Strategy, runtime: Runtime
@@ -258,12 +316,16 @@ class ExecutionEngine:
         side = Side.BUY if event.intent is Intent.BUY else Side.SELL
         reply, order, error = await self._place(order, strategy.spec.symbol, side, event.run)
         now = self._clock.now()
+        if reply is _UNKNOWN:  # the last attempt's fate is unknown: the reconciler settles it
+            await self._leave_unknown(order, event.run, f"outcome unknown: {error}")
+            return
         if reply is None:
             failed = replace(order, status=OrderStatus.FAILED, error=error, updated_at=now)
             why = f"{order.kind.value} failed after {order.attempts} attempts: {error}"
             await self._commit(strategy_failed(runtime, why, now), [failed], event.run)
             await self._finish(strategy)
             return
+        assert isinstance(reply, BrokerOrder)
         await self._record_reply(event, strategy, runtime, order, reply)
 
     async def _record_reply(
@@ -296,15 +358,13 @@ class ExecutionEngine:
 
     async def _place(
         self, order: Order, symbol: str, side: Side, run: int
-    ) -> tuple[BrokerOrder | None, Order, str]:
+    ) -> tuple[BrokerOrder | object | None, Order, str]:
         """At most broker_attempts placements, all with the same client order id; after an
-        ambiguous failure the broker is asked first, so a timeout never becomes two orders."""
-        if order.attempts > 0:  # a redelivered event: the broker may already have it
-            found = await self._lookup(order.id)
-            if found is not None:
-                return found, order, ""
+        ambiguous failure the broker is asked first, so a timeout never becomes two orders.
+        Returns the broker's order, None (it surely has none), or _UNKNOWN."""
         error = ""
-        while order.attempts < self._config.broker_attempts:
+        found: BrokerOrder | object | None = None
+        for _ in range(self._config.broker_attempts):
             order = replace(
                 order,
                 status=OrderStatus.SUBMITTED,
@@ -322,19 +382,20 @@ class ExecutionEngine:
                 error = str(exc) or type(exc).__name__
                 log.warning("attempt %d of %s: %s", order.attempts, order.id, error)
             found = await self._lookup(order.id)
-            if found is not None:
+            if isinstance(found, BrokerOrder):
                 return found, order, ""
-        return None, order, error
+        return found, order, error
 
-    async def _lookup(self, order_id: str) -> BrokerOrder | None:
+    async def _lookup(self, order_id: str) -> BrokerOrder | object | None:
+        """The broker's order, None when it has none, _UNKNOWN when it could not tell."""
         try:
             reply = await asyncio.wait_for(
                 self._broker.get_order(order_id), self._config.broker_timeout_s
             )
+            return check_reply(reply, order_id) if reply is not None else None
         except (AmbiguousBrokerError, TimeoutError, OSError) as exc:
             log.warning("get_order(%s) failed: %s", order_id, exc)
-            return None
-        return check_reply(reply, order_id) if reply is not None else None
+            return _UNKNOWN
 
     async def _skip(self, event: OrderEvent, strategy: Strategy, reason: str) -> None:
         now = self._clock.now()
@@ -385,6 +446,25 @@ class ExecutionEngine:
             await self._publish.order(order)
         if runtime is not None:
             await self._publish.runtime(runtime)
+
+
+_UNKNOWN = object()
+
+
+def _settled(order: Order, reply: BrokerOrder, now: datetime) -> Order:
+    status = {
+        BrokerOrderStatus.FILLED: OrderStatus.FILLED,
+        BrokerOrderStatus.REJECTED: OrderStatus.REJECTED,
+        BrokerOrderStatus.ACCEPTED: OrderStatus.SUBMITTED,
+    }[reply.status]
+    return replace(
+        order,
+        status=status,
+        fill_price=reply.fill_price,
+        broker_order_id=reply.broker_order_id,
+        error=reply.reason,
+        updated_at=now,
+    )
 
 
 def _waits_for_buy(intent: Intent, runtime: Runtime) -> bool:

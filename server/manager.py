@@ -33,7 +33,7 @@ from server.domain import (
     start_runtime,
     validate_request_id,
 )
-from server.errors import InvalidArgument, strategy_not_found
+from server.errors import InvalidArgument, Unavailable, strategy_not_found
 from server.publisher import Publisher
 from server.scheduler import Scheduler
 from server.stoploss import StopLossGuard
@@ -88,6 +88,18 @@ class StrategyManager:
         self._clock = clock
         self._lock_wait_s = lock_wait_s
         self._exit_wait_s = exit_wait_s
+        self._trading = asyncio.Event()
+
+    def open_for_trading(self) -> None:
+        """Recovery is done: Start and Stop may act from now on."""
+        self._trading.set()
+
+    def _require_trading(self) -> None:
+        if not self._trading.is_set():
+            raise Unavailable(
+                "the server is recovering (rebuilding state, settling orders); "
+                "reads work, Start/Stop do once recovery is done"
+            )
 
     async def create(self, tenant: str, spec: StrategySpec, request_id: str) -> Strategy:
         validate_request_id(request_id)
@@ -120,6 +132,7 @@ class StrategyManager:
 
     async def start_stored(self, tenant: str, strategy_id: str, request_id: str) -> Runtime:
         validate_request_id(request_id)
+        self._require_trading()
         key = _key(request_id, "start", strategy_id)
         if key and (replayed := await self._replay(tenant, key)) is not None:
             return await self._ensure_hot(tenant, runtime_from_flat(replayed))
@@ -138,6 +151,7 @@ class StrategyManager:
 
     async def start_new(self, tenant: str, spec: StrategySpec, request_id: str) -> Runtime:
         validate_request_id(request_id)
+        self._require_trading()
         key = _key(request_id, "start", _spec_fingerprint(spec))
         if key and (replayed := await self._replay(tenant, key)) is not None:
             return await self._ensure_hot(tenant, runtime_from_flat(replayed))
@@ -160,6 +174,7 @@ class StrategyManager:
         unless keep_position. Runs under the strategy's lock, so it waits for an order in
         flight instead of racing it; with an exit it waits up to exit_wait_s for the result."""
         await self._load(tenant, strategy_id)
+        self._require_trading()
         async with self._locks.held(strategy_id, timeout_s=self._lock_wait_s):
             strategy, current = await self._db.get_strategy(tenant, strategy_id)
             plan = plan_stop(current, keep_position, self._clock.now())

@@ -31,6 +31,9 @@ async def start_replica(
         ALGOPLANE_BROKER_TIMEOUT_S="6",
         ALGOPLANE_EXEC_CLAIM_IDLE_S="1.5",
         ALGOPLANE_TIMER_SYNC_S="0.5",
+        # The dead holder's lock must expire first (its TTL); the BUY is still wanted then.
+        ALGOPLANE_BUY_GRACE_S="60",
+        ALGOPLANE_LOCK_TTL_MS="3000",
         ALGOPLANE_LOG_LEVEL="WARNING",
     )
     server = await ServerProcess.start(env, root, root / f"{name}.log")

@@ -251,6 +251,24 @@ class Database:
             row = await session.get(OrderRow, order_id)
         return _order(row) if row is not None else None
 
+    async def list_unfinished_orders(self, updated_before_us: int) -> list[tuple[Order, int]]:
+        """Orders whose intent is committed but not final (PENDING, SUBMITTED, UNKNOWN), last
+        touched before the given instant, with their run."""
+        unfinished = [
+            OrderStatus.PENDING.value,
+            OrderStatus.SUBMITTED.value,
+            OrderStatus.UNKNOWN.value,
+        ]
+        query = (
+            select(OrderRow)
+            .where(col(OrderRow.status).in_(unfinished))
+            .where(col(OrderRow.updated_at) < updated_before_us)
+            .order_by(col(OrderRow.created_at))
+        )
+        async with AsyncSession(self._engine) as session:
+            rows = (await session.exec(query)).all()
+        return [(_order(row), row.run) for row in rows]
+
     async def save(self, runtime: Runtime | None, orders: list[tuple[Order, int]]) -> bool:
         """Commits orders (upserted by client order id) and the runtime together. The runtime
         is written only over the version just before it; False (nothing written) otherwise."""

@@ -25,6 +25,11 @@ PAPER_ORDERS = "{paper}:orders"
 PAPER_LOG = "{paper}:log"
 
 
+# Set when Redis has been rebuilt from the DB; its absence means Redis lost its data
+# (a new instance, FLUSHALL, a crash without AOF) and must be rebuilt again.
+STATE_EPOCH = "algoplane:state-epoch"
+
+
 def fired(strategy_id: str, run: int, intent: str) -> str:
     """String: set once when an order intent of a run is enqueued (dedupes timer firings)."""
     return f"{{queue:orders}}:fired:{strategy_id}:{run}:{intent}"
