@@ -4,6 +4,7 @@ the paper broker's book in Redis. Instants are 1-3 s ahead."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -459,3 +460,24 @@ async def test_failed_exit_keeps_the_position_and_stop_retries_it(
             (client_order_id(sid, 1, Intent.SELL), pb.ORDER_STATUS_REJECTED),
             (client_order_id(sid, 1, Intent.EXIT, 1), pb.ORDER_STATUS_FILLED),
         ]
+
+
+async def test_invariants_hold_after_a_full_run(redis_proc: RedisProcess, tmp_path: Path) -> None:
+    from server.store.db import Database
+    from tests.faults.invariants import check_invariants
+
+    async with pipeline(redis_proc, tmp_path) as h:
+        await h.redis.set("price:{SBIN}", "100")
+        sid = await start_precise(h, buy_in=0.8, hold=0.8)
+        await reaches(h, sid, pb.STRATEGY_STATUS_COMPLETED)
+        db = Database(h.settings.effective_database_url)
+        try:
+            await check_invariants(h.redis, db)
+            # The check can fail: a second filled exit at the broker breaks it.
+            ghost = client_order_id(sid, 1, Intent.EXIT, 1)
+            fill = {"client_order_id": ghost, "status": "FILLED", "fill_price": "1"}
+            await h.redis.hset("{paper}:orders", ghost, json.dumps(fill))
+            with pytest.raises(AssertionError, match="more than one filled"):
+                await check_invariants(h.redis, db)
+        finally:
+            await db.close()
