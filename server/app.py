@@ -152,8 +152,10 @@ class App:
 
     async def _maintain(self) -> None:
         """Rebuild Redis if it lost its data; settle orders left unfinished."""
-        assert self._recovery is not None
-        await self._recovery.rebuild_if_lost()
+        assert self._recovery is not None and self._scheduler is not None
+        if await self._recovery.rebuild_if_lost():
+            self._scheduler.forget_fired()
+            await self._sync_timers()
         await self._recovery.reconcile()
 
     async def _recovered_check(self) -> None:

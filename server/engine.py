@@ -294,18 +294,7 @@ class ExecutionEngine:
             await self._fail(runtime, why)
             return Outcome.DONE
         now = self._clock.now()
-        order = Order(
-            id=event.order_id,
-            tenant=strategy.tenant,
-            strategy_id=strategy.id,
-            symbol=strategy.spec.symbol,
-            kind=event.intent.kind,
-            status=OrderStatus.PENDING,
-            quantity=strategy.spec.quantity,
-            attempts=0,
-            created_at=now,
-            updated_at=now,
-        )
+        order = _new_order(event, strategy, OrderStatus.PENDING, now)
         submitted = order_submitted(runtime, event.intent, order.id, now)
         await self._commit(submitted, [order], event.run)
         return order, submitted
@@ -398,20 +387,7 @@ class ExecutionEngine:
             return _UNKNOWN
 
     async def _skip(self, event: OrderEvent, strategy: Strategy, reason: str) -> None:
-        now = self._clock.now()
-        skipped = Order(
-            id=event.order_id,
-            tenant=strategy.tenant,
-            strategy_id=strategy.id,
-            symbol=strategy.spec.symbol,
-            kind=event.intent.kind,
-            status=OrderStatus.SKIPPED,
-            quantity=strategy.spec.quantity,
-            attempts=0,
-            created_at=now,
-            updated_at=now,
-            error=reason,
-        )
+        skipped = _new_order(event, strategy, OrderStatus.SKIPPED, self._clock.now(), reason)
         log.info("skipped %s: %s", event.order_id, reason)
         await self._commit(None, [skipped], event.run)
 
@@ -449,6 +425,24 @@ class ExecutionEngine:
 
 
 _UNKNOWN = object()
+
+
+def _new_order(
+    event: OrderEvent, strategy: Strategy, status: OrderStatus, now: datetime, error: str = ""
+) -> Order:
+    return Order(
+        id=event.order_id,
+        tenant=strategy.tenant,
+        strategy_id=strategy.id,
+        symbol=strategy.spec.symbol,
+        kind=event.intent.kind,
+        status=status,
+        quantity=strategy.spec.quantity,
+        attempts=0,
+        created_at=now,
+        updated_at=now,
+        error=error,
+    )
 
 
 def _settled(order: Order, reply: BrokerOrder, now: datetime) -> Order:

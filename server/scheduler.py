@@ -66,6 +66,11 @@ class Scheduler:
         for strategy, runtime in live:
             self.schedule(strategy, runtime)
 
+    def forget_fired(self) -> None:
+        """Redis lost its queue and markers: timers that already fired may fire again (the
+        engine drops what the order log shows as done)."""
+        self._fired.clear()
+
     def pending(self, strategy_id: str) -> set[Intent]:
         return {
             intent
