@@ -153,9 +153,11 @@ class MarketListener:
 
     def _count(self, reason: str, detail: str) -> None:
         self.stats[reason] += 1
-        # The first few of each kind are logged in full; the rest only counted.
+        # The first few of each kind are logged in full; the rest only counted. Ticks of
+        # symbols nobody trades are normal on a shared feed: informational only.
+        level = logging.INFO if reason == "unknown_symbol" else logging.WARNING
         if self.stats[reason] <= 5 or self.stats[reason] % 1000 == 0:
-            log.warning("feed: %s (%d so far): %s", reason, self.stats[reason], detail[:200])
+            log.log(level, "feed: %s (%d so far): %s", reason, self.stats[reason], detail[:200])
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected
