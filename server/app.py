@@ -26,6 +26,7 @@ from server.api.interceptors import AuthInterceptor, DecodeInterceptor, ErrorInt
 from server.api.servicer import StrategyServicer
 from server.brokers.base import Broker
 from server.brokers.paper import PaperBroker
+from server.cancellation import cancel_requested
 from server.clock import Clock, SystemClock
 from server.config import Settings
 from server.engine import EngineConfig, ExecutionEngine
@@ -105,7 +106,7 @@ class App:
             if settings.jwt_secret
             else await asyncio.to_thread(load_or_create_secret, settings.data_dir)
         )
-        self._db = Database(settings.effective_database_url)
+        self._db = Database(settings.effective_database_url, timeout_s=settings.db_timeout_s)
         await self._db.create_schema()
         self._state = RedisState(
             client=connect(redis_url, timeout_s=settings.redis_timeout_s),
@@ -261,7 +262,7 @@ class App:
         )
 
     async def _sync_loop(self) -> None:
-        while True:
+        while not cancel_requested():  # see server.cancellation
             await asyncio.sleep(self._settings.timer_sync_s)
             try:
                 await self._sync_timers()
@@ -370,8 +371,9 @@ def _consumer_name() -> str:
 
 
 async def _every(interval_s: float, step: Callable[[], Awaitable[object]]) -> None:
-    """A stoppable loop whose body is one call into tested code; a failing step is logged."""
-    while True:
+    """A stoppable loop whose body is one call into tested code; a failing step is logged.
+    It ends on cancel(), also when a Redis call in the step swallowed it (server.cancellation)."""
+    while not cancel_requested():
         await asyncio.sleep(interval_s)
         try:
             await step()

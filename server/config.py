@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     shutdown_grace_s: Annotated[float, Field(ge=0, le=300)] = 5.0
     # Upper bound on any single Redis command, so an RPC never hangs on a stalled Redis.
     redis_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # Upper bound on each PostgreSQL connect and statement (an unreachable DB fails fast).
+    db_timeout_s: Annotated[float, Field(gt=0, le=600)] = 2.0
     # Approximate number of events each tenant's streams keep for resuming.
     stream_maxlen: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
     # A stream subscriber that reads nothing for this long is cut off (RESOURCE_EXHAUSTED).

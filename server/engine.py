@@ -25,6 +25,7 @@ from server.brokers.base import (
     Side,
     check_reply,
 )
+from server.cancellation import cancel_requested
 from server.clock import Clock
 from server.domain import (
     Intent,
@@ -151,10 +152,14 @@ class ExecutionEngine:
             except Exception as exc:  # noqa: BLE001 - Redis away: try on the next round
                 log.warning("engine cannot reclaim pending events: %s", exc)
                 continue
-            for delivery in claimed:
-                log.warning("taking over event %s (%s)", delivery.entry_id, delivery.fields)
-                async with self._busy:
-                    await self.handle(delivery)
+            # Side by side (up to the concurrency): one by one, a backlog of claimed events
+            # would go idle again and be claimed over and over, towards max_deliveries.
+            await asyncio.gather(*(self._take_over(delivery) for delivery in claimed))
+
+    async def _take_over(self, delivery: Delivery) -> None:
+        log.warning("taking over event %s (%s)", delivery.entry_id, delivery.fields)
+        async with self._busy:
+            await self.handle(delivery)
 
     async def handle(self, delivery: Delivery) -> None:
         """Runs one delivered event to its end and acknowledges it. If it cannot finish
@@ -193,7 +198,7 @@ class ExecutionEngine:
 
     async def _touch(self, delivery: Delivery) -> None:
         interval = self._config.claim_idle_ms / 3000
-        while True:
+        while not cancel_requested():  # a cancel swallowed by touch() still ends it
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
                 await self._queue.touch(delivery)
@@ -208,6 +213,7 @@ class ExecutionEngine:
         existing = await self._db.get_order(event.order_id)
         if existing is not None and existing.status.final:
             log.info("duplicate event for %s (%s) dropped", event.order_id, existing.status)
+            await self._restore_hot(strategy, runtime)
             return Outcome.DONE
         if existing is not None:  # committed before: a crash, a timeout, or reconciliation
             await self._resume(event, strategy, runtime, existing)
@@ -218,6 +224,16 @@ class ExecutionEngine:
         order, runtime = started
         await self._send(event, strategy, runtime, order)
         return Outcome.DONE
+
+    async def _restore_hot(self, strategy: Strategy, runtime: Runtime) -> None:
+        """The first delivery may have committed and then lost Redis (a reset, a timeout)
+        before the runtime, the stop-loss arming or the disarming reached it; all three are
+        idempotent, so a redelivery does them again rather than leave Redis behind the DB."""
+        await self._publish.runtime(runtime)
+        if runtime.status is StrategyStatus.RUNNING and runtime.position is Position.BOUGHT:
+            await self._stoploss.arm(strategy)
+        elif not runtime.status.live:
+            await self._finish(strategy)
 
     async def reconcile(self, order: Order, run: int) -> None:
         """Settles an order whose intent is committed but not final: ask the broker first,
@@ -284,10 +300,12 @@ class ExecutionEngine:
         if reason:
             await self._skip(event, strategy, reason)
             return Outcome.DONE
-        late = event.lateness_s
+        # Late is late whether the timer fired late (the process was down) or the event
+        # waited (the DB was away): a BUY is placed only within the grace of buy_time.
+        late = max(event.lateness_s, (self._clock.now() - strategy.spec.buy_time).total_seconds())
         if event.intent is Intent.BUY and late > self._config.buy_grace_s:
             why = (
-                f"BUY not placed: fired {late:.1f}s after buy_time, beyond the "
+                f"BUY not placed: {late:.1f}s after buy_time, beyond the "
                 f"{self._config.buy_grace_s:g}s grace"
             )
             await self._skip(event, strategy, why)

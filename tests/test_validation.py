@@ -677,7 +677,8 @@ def times(draw: st.DrawFn) -> tuple[Timestamp | None, Timestamp | None]:
     buy = draw(TIMESTAMPS)
     if buy is not None and draw(st.booleans()):
         offset = draw(st.integers(-10, 8 * 86_400))
-        return buy, Timestamp(seconds=buy.seconds + offset, nanos=draw(NANOS))
+        seconds = min(2**63 - 1, max(-(2**63), buy.seconds + offset))  # stays an int64
+        return buy, Timestamp(seconds=seconds, nanos=draw(NANOS))
     return buy, draw(TIMESTAMPS)
 
 

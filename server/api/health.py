@@ -53,7 +53,7 @@ class HealthReporter:
             except Exception as exc:  # noqa: BLE001 - any failure means not serving
                 failing.add(name)
                 if name not in self._failing:
-                    log.warning("health: %s is failing: %s", name, exc or type(exc).__name__)
+                    log.warning("health: %s is failing: %s", name, str(exc) or type(exc).__name__)
         if self._failing - failing:
             log.info("health: %s recovered", ", ".join(sorted(self._failing - failing)))
         self._failing = failing

@@ -19,6 +19,7 @@ from dataclasses import replace
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
+from server.cancellation import cancel_requested
 from server.market.formats import FeedError, FeedFormat, Tick
 from server.publisher import Publisher
 from server.stoploss import StopLossGuard
@@ -116,6 +117,8 @@ class MarketListener:
         try:
             async for message in ws:
                 await self.handle(message)
+                if cancel_requested():  # swallowed by a Redis call (server.cancellation)
+                    raise asyncio.CancelledError
         finally:
             subscriber.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -24,7 +24,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import Field, SQLModel, col, select
@@ -45,6 +45,7 @@ from server.errors import strategy_not_found
 from server.store.codec import from_micros, runtime_to_flat, to_micros
 
 _MAX_CONFLICT_RETRIES = 8
+_SCHEMA_ATTEMPTS = 5
 
 
 class StrategyRow(SQLModel, table=True):
@@ -129,9 +130,11 @@ Transition = Callable[[Strategy, Runtime], Runtime]
 class Database:
     """Async access to the durable store; nothing here blocks the event loop."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
+        """`timeout_s` bounds each PostgreSQL connect and statement, so a DB that stopped
+        answering (a cut network, a stalled server) fails the call instead of hanging it."""
         self._sqlite = url.startswith("sqlite")
-        self._engine: AsyncEngine = create_async_engine(url, **_engine_options(url))
+        self._engine: AsyncEngine = create_async_engine(url, **_engine_options(url, timeout_s))
         if self._sqlite:
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
         # SQLite has one writer at a time; serialising our own writes avoids SQLITE_BUSY
@@ -143,9 +146,17 @@ class Database:
         return self._engine
 
     async def create_schema(self) -> None:
-        """The one place the schema is created (idempotent)."""
-        async with self._engine.begin() as conn:
-            await conn.run_sync(SQLModel.metadata.create_all)
+        """The one place the schema is created (idempotent). Replicas starting together on
+        a new DB race on CREATE TABLE; the loser's next pass finds the tables and is done."""
+        for attempt in range(_SCHEMA_ATTEMPTS):
+            try:
+                async with self._engine.begin() as conn:
+                    await conn.run_sync(SQLModel.metadata.create_all)
+                return
+            except DBAPIError:
+                if attempt == _SCHEMA_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.1 * (attempt + 1))
 
     async def ping(self) -> None:
         async with self._engine.connect() as conn:
@@ -304,10 +315,17 @@ class Database:
         return [_order(row) for row in rows]
 
 
-def _engine_options(url: str) -> dict[str, Any]:
+def _engine_options(url: str, timeout_s: float) -> dict[str, Any]:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 10}}
-    return {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20, "pool_timeout": 5}
+    return {
+        "pool_pre_ping": True,
+        "pool_size": 10,
+        "max_overflow": 20,
+        "pool_timeout": 5,
+        # asyncpg: bound on connecting and on every statement (raises TimeoutError).
+        "connect_args": {"timeout": timeout_s, "command_timeout": timeout_s},
+    }
 
 
 def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

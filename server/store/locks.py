@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
+from server.cancellation import cancel_requested
 from server.errors import Unavailable
 from server.store import keys, scripts
 
@@ -69,7 +70,9 @@ class StrategyLocks:
                 await self.release(strategy_id, token)
 
     async def _keep(self, strategy_id: str, token: str) -> None:
-        while True:
+        # Ends by cancellation; a cancel swallowed inside extend() must still end it, or
+        # held() waits for it forever while it keeps the lock alive.
+        while not cancel_requested():
             await asyncio.sleep(self._ttl_ms / 3000)
             try:
                 if not await self.extend(strategy_id, token):

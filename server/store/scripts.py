@@ -7,7 +7,8 @@ from __future__ import annotations
 
 # Writes a strategy's config and replaces its runtime, unless Redis already holds the same or a
 # newer runtime version: two writers that race (Start and Stop, a retry, recovery) can never
-# leave an older snapshot on top of a newer one.
+# leave an older snapshot on top of a newer one. The config is still written when the hash is
+# missing (Redis was wiped and the engine wrote a newer runtime before the rebuild came).
 # KEYS[1] strategy:{id}   KEYS[2] runtime:{id}
 # ARGV[1] version of the incoming runtime
 # ARGV[2] number N of strategy fields, then N field/value pairs, then the runtime field/value
@@ -16,10 +17,11 @@ from __future__ import annotations
 APPLY_RUNTIME = """
 local incoming = tonumber(ARGV[1])
 local stored = tonumber(redis.call('HGET', KEYS[2], 'version') or '-1')
-if stored >= incoming then
+local n = tonumber(ARGV[2])
+local stale = stored >= incoming
+if stale and (n == 0 or redis.call('EXISTS', KEYS[1]) == 1) then
   return 0
 end
-local n = tonumber(ARGV[2])
 local i = 3
 if n > 0 then
   local fields = {}
@@ -27,6 +29,9 @@ if n > 0 then
     fields[#fields + 1] = ARGV[k]
   end
   redis.call('HSET', KEYS[1], unpack(fields))
+end
+if stale then
+  return 0
 end
 i = i + 2 * n
 local runtime = {}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
@@ -52,17 +52,20 @@ class StreamBounds:
     trimmed_through: StreamId | None
 
 
-def connect(url: str, *, timeout_s: float, max_connections: int | None = None) -> Redis:
+def connect(url: str, *, timeout_s: float, max_connections: int = 512) -> Redis:
     """A client that never retries on its own: a blind retry of XADD or of a claim script
-    could apply it twice, so the callers decide what is safe to repeat."""
-    return Redis.from_url(
+    could apply it twice, so the callers decide what is safe to repeat. Under a burst, a
+    call waits (up to timeout_s) for a free pooled connection instead of failing at once."""
+    pool = BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         max_connections=max_connections,
+        timeout=timeout_s,
     )
+    return Redis.from_pool(pool)
 
 
 class RedisState:

@@ -1,0 +1,20 @@
+"""Cancellation that a library swallowed.
+
+On Python 3.11, `asyncio.wait_for` returns the inner result and drops the caller's cancel()
+when both land in the same loop step (fixed in 3.12). redis-py wraps every socket write in
+it whenever a socket timeout is set, so a task cancelled during a Redis command may see the
+command return normally instead of CancelledError. A loop that ends only by being cancelled
+(a lock keeper, a background step) would then run forever and its canceller, awaiting it,
+would hang. Such loops check `cancel_requested()` after each step: the request is still
+counted on the task even when the exception was swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+def cancel_requested() -> bool:
+    """True once the current task has been asked to stop (cancel() not undone)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
