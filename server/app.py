@@ -325,10 +325,6 @@ class App:
         assert self._health is not None
         await self._health.run(self._settings.health_interval_s)
 
-    async def wait_closed(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
     async def stop(self) -> None:
         """Health NOT_SERVING, streams end UNAVAILABLE, in-flight calls get the grace
         period, timers stop, the engine finishes the orders in hand (the rest stay pending

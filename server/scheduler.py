@@ -71,13 +71,6 @@ class Scheduler:
         engine drops what the order log shows as done)."""
         self._fired.clear()
 
-    def pending(self, strategy_id: str) -> set[Intent]:
-        return {
-            intent
-            for intent in (Intent.BUY, Intent.SELL)
-            if self._aps.get_job(_job_id(strategy_id, intent)) is not None
-        }
-
     def _add(self, strategy: Strategy, runtime: Runtime, intent: Intent, due: datetime) -> None:
         if (strategy.id, runtime.run, intent) in self._fired:
             return

@@ -171,12 +171,6 @@ class OrderQueue:
             pipe.xdel(delivery.stream, delivery.entry_id)
             await pipe.execute()
 
-    async def depth(self) -> dict[str, int]:
-        return {
-            stream: int(await self._redis.xlen(stream))
-            for stream in (keys.EXIT_QUEUE, keys.ORDER_QUEUE)
-        }
-
 
 def _marker(event: OrderEvent) -> str:
     # Exits carry their own order id (a Stop may retry a failed exit with a new one).

@@ -17,7 +17,6 @@ from server.store.codec import (
     Flat,
     runtime_from_flat,
     runtime_to_flat,
-    strategy_from_flat,
     strategy_to_flat,
 )
 from server.store.keys import StreamKind
@@ -123,10 +122,6 @@ class RedisState:
 
     async def set_price(self, symbol: str, price: Decimal) -> None:
         await self._redis.set(keys.price(symbol), format_decimal(price))
-
-    async def get_strategy(self, strategy_id: str) -> Strategy | None:
-        flat = cast(Flat, await self._redis.hgetall(keys.strategy(strategy_id)))
-        return strategy_from_flat(flat) if flat else None
 
     async def append_event(self, kind: StreamKind, tenant: str, fields: Flat) -> str:
         """Appends one event to the tenant's stream; returns its id (the resume token)."""
