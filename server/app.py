@@ -200,8 +200,6 @@ class App:
         self._recovery = Recovery(
             db=db,
             redis=state.client,
-            publisher=publisher,
-            guard=guard,
             engine=self._engine,
             clock=self._clock,
             settle_after_s=settings.reconcile_after_s,

@@ -162,11 +162,12 @@ class ExecutionEngine:
             await self.handle(delivery)
 
     async def handle(self, delivery: Delivery) -> None:
-        """Runs one delivered event to its end and acknowledges it. If it cannot finish
-        (Redis or the DB away) it stays pending and is delivered again."""
+        """Runs one delivered event to its end and acknowledges it. A failure (Redis or the
+        DB away, a pooled connection broken by a reset) is retried here a few times, since
+        handling is idempotent; past that the event stays pending for the reaper."""
         toucher = asyncio.create_task(self._touch(delivery))
         try:
-            finished = await self._handle(delivery)
+            finished = await self._handle_retrying(delivery)
         except Exception:
             log.exception("event %s failed; it will be delivered again", delivery.entry_id)
             return
@@ -177,6 +178,17 @@ class ExecutionEngine:
         if finished:
             with contextlib.suppress(Exception):
                 await self._queue.ack(delivery)
+
+    async def _handle_retrying(self, delivery: Delivery) -> bool:
+        for pause in _RETRY_PAUSES_S:
+            try:
+                return await self._handle(delivery)
+            except Exception as exc:  # noqa: BLE001 - retried; the last failure propagates
+                log.warning("event %s failed (%s); retrying", delivery.entry_id, exc)
+            if self._closing.is_set():
+                return False
+            await asyncio.sleep(pause)
+        return await self._handle(delivery)
 
     async def _handle(self, delivery: Delivery) -> bool:
         """True when the event is finished; False leaves it pending (shutting down)."""
@@ -213,7 +225,7 @@ class ExecutionEngine:
         existing = await self._db.get_order(event.order_id)
         if existing is not None and existing.status.final:
             log.info("duplicate event for %s (%s) dropped", event.order_id, existing.status)
-            await self._restore_hot(strategy, runtime)
+            await self.restore_hot(strategy, runtime)
             return Outcome.DONE
         if existing is not None:  # committed before: a crash, a timeout, or reconciliation
             await self._resume(event, strategy, runtime, existing)
@@ -225,11 +237,12 @@ class ExecutionEngine:
         await self._send(event, strategy, runtime, order)
         return Outcome.DONE
 
-    async def _restore_hot(self, strategy: Strategy, runtime: Runtime) -> None:
-        """The first delivery may have committed and then lost Redis (a reset, a timeout)
-        before the runtime, the stop-loss arming or the disarming reached it; all three are
-        idempotent, so a redelivery does them again rather than leave Redis behind the DB."""
-        await self._publish.runtime(runtime)
+    async def restore_hot(self, strategy: Strategy, runtime: Runtime) -> None:
+        """Puts the committed state back in Redis: config, runtime, stop-loss arming or
+        disarming, all idempotent. Recovery uses it for every live strategy; a redelivered
+        duplicate uses it because its first delivery may have committed and then lost Redis
+        (a reset, a timeout) before any of them reached it."""
+        await self._publish.runtime(runtime, strategy)
         if runtime.status is StrategyStatus.RUNNING and runtime.position is Position.BOUGHT:
             await self._stoploss.arm(strategy)
         elif not runtime.status.live:
@@ -443,6 +456,7 @@ class ExecutionEngine:
 
 
 _UNKNOWN = object()
+_RETRY_PAUSES_S = (0.1, 0.5, 1.0)
 
 
 def _new_order(

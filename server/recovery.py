@@ -17,10 +17,7 @@ from datetime import timedelta
 from redis.asyncio import Redis
 
 from server.clock import Clock
-from server.domain import Position, StrategyStatus
 from server.engine import ExecutionEngine
-from server.publisher import Publisher
-from server.stoploss import StopLossGuard
 from server.store import keys
 from server.store.codec import to_micros
 from server.store.db import Database
@@ -34,16 +31,12 @@ class Recovery:
         *,
         db: Database,
         redis: Redis,
-        publisher: Publisher,
-        guard: StopLossGuard,
         engine: ExecutionEngine,
         clock: Clock,
         settle_after_s: float,
     ) -> None:
         self._db = db
         self._redis = redis
-        self._publisher = publisher
-        self._guard = guard
         self._engine = engine
         self._clock = clock
         self._settle_after = timedelta(seconds=settle_after_s)
@@ -57,9 +50,7 @@ class Recovery:
         """Writes every live strategy back into Redis; returns how many."""
         live = await self._db.list_live()
         for strategy, runtime in live:
-            await self._publisher.runtime(runtime, strategy)
-            if runtime.position is Position.BOUGHT and runtime.status is StrategyStatus.RUNNING:
-                await self._guard.arm(strategy)
+            await self._engine.restore_hot(strategy, runtime)
         await self._redis.set(keys.STATE_EPOCH, secrets.token_hex(8))
         log.info("hot state rebuilt from the DB: %d live strategies", len(live))
         return len(live)

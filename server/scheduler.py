@@ -74,13 +74,17 @@ class Scheduler:
     def _add(self, strategy: Strategy, runtime: Runtime, intent: Intent, due: datetime) -> None:
         if (strategy.id, runtime.run, intent) in self._fired:
             return
+        args = [strategy.id, strategy.tenant, runtime.run, intent, to_micros(due)]
+        job = self._aps.get_job(_job_id(strategy.id, intent))
+        if job is not None and list(job.args) == args:
+            return  # the periodic sync finds most timers already set: leave them be
         self._aps.add_job(
             self._fire,
             trigger="date",
             run_date=due,
             id=_job_id(strategy.id, intent),
             replace_existing=True,
-            args=[strategy.id, strategy.tenant, runtime.run, intent, to_micros(due)],
+            args=args,
         )
 
     async def _fire(

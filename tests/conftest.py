@@ -4,8 +4,10 @@ real SQLite in a temp dir; tests call the generated stubs."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -71,6 +73,19 @@ async def stop_harness(harness: Harness) -> None:
     await harness.channel.close(None)
     await harness.redis.aclose()
     await harness.app.stop()
+
+
+@asynccontextmanager
+async def serving(redis_url: str, data_dir: Path, **overrides: Any) -> AsyncIterator[Harness]:
+    """The in-process server with the pipeline's test defaults (fast timer sync, 8 workers)
+    on any Redis URL, e.g. a fault proxy's; `overrides` are Settings fields."""
+    values: dict[str, Any] = {"timer_sync_s": 0.5, "exec_concurrency": 8}
+    values.update(overrides)
+    harness = await start_harness(make_settings(redis_url, data_dir, **values))
+    try:
+        yield harness
+    finally:
+        await stop_harness(harness)
 
 
 @pytest.fixture

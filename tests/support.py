@@ -188,3 +188,13 @@ async def redis_dump(redis: Redis) -> dict[str, object]:
         else:
             dump[key] = (kind, await redis.get(key) if kind == "string" else None)
     return dump
+
+
+def spec_at(
+    buy_at: float, sell_at: float, symbol: str = "SBIN", stop_loss: str = "95.5"
+) -> pb.StrategySpec:
+    """A spec whose BUY and SELL fall at the given epoch instants (sub-second kept)."""
+    message = spec(symbol=symbol, stop_loss=stop_loss)
+    message.buy_time.FromNanoseconds(int(buy_at * 1e9))
+    message.sell_time.FromNanoseconds(int(sell_at * 1e9))
+    return message

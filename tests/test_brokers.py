@@ -44,7 +44,7 @@ def broker(request: pytest.FixtureRequest, state: RedisState) -> Broker:
 
 
 async def test_market_order_fills_at_the_last_price(broker: Broker, state: RedisState) -> None:
-    await state.set_price("SBIN", Decimal("101.25"))
+    await state.client.set("price:{SBIN}", "101.25")
     order = await broker.place_order("c-1", "SBIN", Side.BUY, 10)
     assert order.status is BrokerOrderStatus.FILLED
     assert order.fill_price == Decimal("101.25")
@@ -55,9 +55,9 @@ async def test_market_order_fills_at_the_last_price(broker: Broker, state: Redis
 async def test_same_client_order_id_returns_the_first_order(
     broker: Broker, state: RedisState
 ) -> None:
-    await state.set_price("SBIN", Decimal("100"))
+    await state.client.set("price:{SBIN}", "100")
     first = await broker.place_order("c-2", "SBIN", Side.BUY, 10)
-    await state.set_price("SBIN", Decimal("90"))
+    await state.client.set("price:{SBIN}", "90")
     again = await broker.place_order("c-2", "SBIN", Side.BUY, 10)
     assert again == first
     assert await state.client.lrange("{paper}:log", 0, -1) == ["c-2"]
@@ -74,7 +74,7 @@ async def test_unknown_order_is_none(broker: Broker) -> None:
 
 
 async def test_timeout_after_effect_is_ambiguous_but_found(state: RedisState) -> None:
-    await state.set_price("SBIN", Decimal("100"))
+    await state.client.set("price:{SBIN}", "100")
     broker = paper(state, timeout_rate=1.0)
     with pytest.raises(AmbiguousBrokerError):
         await broker.place_order("c-4", "SBIN", Side.BUY, 10)
@@ -83,7 +83,7 @@ async def test_timeout_after_effect_is_ambiguous_but_found(state: RedisState) ->
 
 
 async def test_error_before_effect_is_ambiguous_and_absent(state: RedisState) -> None:
-    await state.set_price("SBIN", Decimal("100"))
+    await state.client.set("price:{SBIN}", "100")
     broker = paper(state, error_rate=1.0)
     with pytest.raises(AmbiguousBrokerError):
         await broker.place_order("c-5", "SBIN", Side.BUY, 10)
@@ -108,7 +108,7 @@ def test_replies_that_do_not_validate_are_ambiguous(reply: BrokerOrder) -> None:
 
 async def test_two_paper_brokers_share_one_book(state: RedisState) -> None:
     """Two PaperBroker instances (two server processes) share one book."""
-    await state.set_price("SBIN", Decimal("5"))
+    await state.client.set("price:{SBIN}", "5")
     one, two = paper(state), paper(state)
     first = await one.place_order("c-7", "SBIN", Side.BUY, 1)
     assert await two.place_order("c-7", "SBIN", Side.BUY, 1) == first

@@ -330,7 +330,7 @@ def make_order(strategy: Strategy, kind: OrderKind, **changes: object) -> Order:
     return replace(order, **changes)  # type: ignore[arg-type]
 
 
-async def test_record_order_inserts_updates_and_lists(db: Database) -> None:
+async def test_save_upserts_orders_and_lists_them(db: Database) -> None:
     strategy, runtime = make_strategy()
     other_strategy, other_rt = make_strategy(at=T0 + timedelta(milliseconds=1))
     theirs, their_rt = make_strategy(tenant=OTHER, at=T0 + timedelta(milliseconds=2))
@@ -338,7 +338,7 @@ async def test_record_order_inserts_updates_and_lists(db: Database) -> None:
         await insert(db, s, r)
 
     buy = make_order(strategy, OrderKind.BUY)
-    await db.record_order(buy, run=1)
+    assert await db.save(None, [(buy, 1)])
     assert await db.list_orders(TENANT, strategy.id) == [buy]
 
     filled = replace(
@@ -349,7 +349,7 @@ async def test_record_order_inserts_updates_and_lists(db: Database) -> None:
         broker_order_id="BRK-1",
         updated_at=T0 + timedelta(seconds=1, microseconds=1),
     )
-    await db.record_order(filled, run=1)
+    assert await db.save(None, [(filled, 1)])
     assert await db.list_orders(TENANT, strategy.id) == [filled]
 
     sell = make_order(
@@ -363,7 +363,7 @@ async def test_record_order_inserts_updates_and_lists(db: Database) -> None:
     elsewhere = make_order(other_strategy, OrderKind.STOPLOSS, created_at=T0 + timedelta(1))
     their_order = make_order(theirs, OrderKind.BUY)
     for order in (elsewhere, sell, their_order):
-        await db.record_order(order, run=1)
+        assert await db.save(None, [(order, 1)])
 
     assert await db.list_orders(TENANT, strategy.id) == [filled, sell]
     assert await db.list_orders(TENANT, "") == [filled, sell, elsewhere]

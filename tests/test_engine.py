@@ -19,8 +19,8 @@ from protos.algoplane.v1 import strategy_pb2 as pb
 from server.domain import Intent, client_order_id
 from server.store.codec import to_micros
 from server.store.queue import OrderEvent, OrderQueue
-from tests.conftest import Harness, make_settings, start_harness, stop_harness
-from tests.support import RedisProcess, spec
+from tests.conftest import Harness, serving, start_harness, stop_harness
+from tests.support import RedisProcess, spec, spec_at
 
 PAPER_LOG = "{paper}:log"
 
@@ -33,13 +33,8 @@ async def pipeline(
         client = Redis.from_url(redis_proc.url)
         await client.flushall()
         await client.aclose()
-    values: dict[str, Any] = {"timer_sync_s": 0.5, "exec_concurrency": 8}
-    values.update(overrides)
-    harness = await start_harness(make_settings(redis_proc.url, data_dir, **values))
-    try:
+    async with serving(redis_proc.url, data_dir, **overrides) as harness:
         yield harness
-    finally:
-        await stop_harness(harness)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
@@ -82,11 +77,8 @@ async def start(h: Harness, buy_in: float, hold: float, symbol: str = "SBIN") ->
 
 def precise_spec(buy_in: float, hold: float, symbol: str = "SBIN") -> pb.StrategySpec:
     """spec() rounds to whole seconds; this keeps sub-second instants."""
-    message = spec(symbol=symbol)
-    now = time.time()
-    message.buy_time.FromNanoseconds(int((now + buy_in) * 1e9))
-    message.sell_time.FromNanoseconds(int((now + buy_in + hold) * 1e9))
-    return message
+    buy_at = time.time() + buy_in
+    return spec_at(buy_at, buy_at + hold, symbol=symbol)
 
 
 async def start_precise(h: Harness, buy_in: float, hold: float, symbol: str = "SBIN") -> str:
@@ -105,9 +97,7 @@ async def test_buy_then_sell_reach_the_broker_once_each(
         order_events = h.stub.StreamOrders(pb.StreamOrdersRequest(), metadata=h.md())
         await asyncio.sleep(0.3)
         sid = await start_precise(h, buy_in=1.0, hold=1.0)
-        await eventually(
-            lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=5
-        )
+        await bought(h, sid)
         await h.redis.set("price:{SBIN}", "101.25")
         await reaches(h, sid, pb.STRATEGY_STATUS_COMPLETED)
 
@@ -151,6 +141,13 @@ async def test_buy_then_sell_reach_the_broker_once_each(
         ]
         events.cancel()
         order_events.cancel()
+
+
+async def bought(h: Harness, sid: str, timeout_s: float = 8.0) -> None:
+    """Waits until the strategy's BUY has filled."""
+    await eventually(
+        lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s
+    )
 
 
 async def _has(h: Harness, sid: str, status: int, position: int) -> bool:
@@ -204,9 +201,7 @@ async def test_broker_timeout_after_effect_is_found_not_repeated(
     async with pipeline(redis_proc, tmp_path, paper_timeout_rate=1.0) as h:
         await h.redis.set("price:{SBIN}", "99")
         sid = await start_precise(h, buy_in=1.0, hold=60)
-        await eventually(
-            lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=6
-        )
+        await bought(h, sid)
         assert await h.redis.lrange(PAPER_LOG, 0, -1) == [client_order_id(sid, 1, Intent.BUY)]
         (buy,) = await orders_of(h, sid)
         assert (buy.status, buy.attempts, buy.fill_price) == (pb.ORDER_STATUS_FILLED, 1, "99")
@@ -243,9 +238,7 @@ async def test_stop_exits_an_open_position(redis_proc: RedisProcess, tmp_path: P
     async with pipeline(redis_proc, tmp_path) as h:
         await h.redis.set("price:{SBIN}", "100")
         sid = await start_precise(h, buy_in=0.8, hold=2.0)
-        await eventually(
-            lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=6
-        )
+        await bought(h, sid)
         await h.redis.set("price:{SBIN}", "97")
         stopped = await h.stub.StopStrategy(
             pb.StopStrategyRequest(strategy_id=sid), metadata=h.md()
@@ -271,9 +264,7 @@ async def test_stop_keeping_the_position_sends_nothing(
     async with pipeline(redis_proc, tmp_path) as h:
         await h.redis.set("price:{SBIN}", "100")
         sid = await start_precise(h, buy_in=0.8, hold=1.5)
-        await eventually(
-            lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=6
-        )
+        await bought(h, sid)
         stopped = await h.stub.StopStrategy(
             pb.StopStrategyRequest(strategy_id=sid, keep_position=True), metadata=h.md()
         )
@@ -300,9 +291,7 @@ async def test_conflicting_exits_act_once(redis_proc: RedisProcess, tmp_path: Pa
     async with pipeline(redis_proc, tmp_path) as h:
         await h.redis.set("price:{SBIN}", "100")
         sid = await start_precise(h, buy_in=0.8, hold=60)
-        await eventually(
-            lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=6
-        )
+        await bought(h, sid)
         queue = OrderQueue(redis=h.redis, consumer="test")
         now = to_micros(datetime.now(UTC))
         for intent in (Intent.SELL, Intent.STOPLOSS, Intent.EXIT):
@@ -358,9 +347,7 @@ async def test_missed_sell_is_placed_at_once(redis_proc: RedisProcess, tmp_path:
     async with pipeline(redis_proc, tmp_path) as h:
         await h.redis.set("price:{SBIN}", "100")
         sid = await start_precise(h, buy_in=0.8, hold=1.0)
-        await eventually(
-            lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=6
-        )
+        await bought(h, sid)
     await asyncio.sleep(2.0)  # down at sell_time
     async with pipeline(redis_proc, tmp_path, flush=False) as h:
         await reaches(h, sid, pb.STRATEGY_STATUS_COMPLETED, timeout_s=6)
@@ -405,9 +392,7 @@ async def test_exits_jump_a_backlog_of_thousands(redis_proc: RedisProcess, tmp_p
     async with pipeline(redis_proc, tmp_path, exec_concurrency=2) as h:
         await h.redis.set("price:{SBIN}", "100")
         sid = await start_precise(h, buy_in=0.8, hold=600)
-        await eventually(
-            lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=6
-        )
+        await bought(h, sid)
         now = to_micros(datetime.now(UTC))
         async with h.redis.pipeline(transaction=False) as pipe:
             for n in range(5000):  # BUYs of strategies nobody knows: each is looked up, dropped
@@ -434,9 +419,7 @@ async def test_failed_exit_keeps_the_position_and_stop_retries_it(
     async with pipeline(redis_proc, tmp_path) as h:
         await h.redis.set("price:{SBIN}", "100")
         sid = await start_precise(h, buy_in=0.8, hold=1.0)
-        await eventually(
-            lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=6
-        )
+        await bought(h, sid)
         await h.redis.delete("price:{SBIN}")  # the SELL is rejected: no price
         await reaches(h, sid, pb.STRATEGY_STATUS_FAILED, timeout_s=6)
         failed = await runtime_of(h, sid)

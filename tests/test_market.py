@@ -20,7 +20,7 @@ from tests.conftest import Harness
 from tests.support import RedisProcess
 from tests.test_engine import (
     PAPER_LOG,
-    _has,
+    bought,
     eventually,
     orders_of,
     pipeline,
@@ -58,12 +58,6 @@ async def price_is(h: Harness, symbol: str, price: str) -> None:
         return bool(await h.redis.get(f"price:{{{symbol}}}") == price)
 
     await eventually(check, timeout_s=5)
-
-
-async def bought(h: Harness, sid: str) -> None:
-    await eventually(
-        lambda: _has(h, sid, pb.STRATEGY_STATUS_RUNNING, pb.POSITION_BOUGHT), timeout_s=8
-    )
 
 
 async def open_position(

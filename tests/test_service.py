@@ -47,10 +47,8 @@ async def test_start_loads_redis_and_stop_unloads(server: Harness) -> None:
         "buy_time": await server.redis.hget(f"strategy:{{{sid}}}", "buy_time"),
         "sell_time": await server.redis.hget(f"strategy:{{{sid}}}", "sell_time"),
         "stop_loss": "95.5",
-        "status": "SCHEDULED",
         "created_at": await server.redis.hget(f"strategy:{{{sid}}}", "created_at"),
-        "updated_at": await server.redis.hget(f"strategy:{{{sid}}}", "updated_at"),
-    }
+    }  # the static config only: status lives in runtime:{id}
     hot = await server.redis.hgetall(f"runtime:{{{sid}}}")
     assert hot["status"] == "SCHEDULED"
     assert hot["position"] == "NONE"

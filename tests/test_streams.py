@@ -317,7 +317,7 @@ class EngineWriter:
     state: RedisState
 
     async def write(self, order: Order, run: int = 1) -> str:
-        await self.db.record_order(order, run)
+        assert await self.db.save(None, [(order, run)])
         return await self.state.append_event("orders", order.tenant, order_to_flat(order))
 
 

@@ -39,6 +39,13 @@ def _opt_decimal(raw: str) -> Decimal | None:
     return Decimal(raw) if raw else None
 
 
+def strategy_config(strategy: Strategy) -> Flat:
+    """What `strategy:{id}` holds: the static config (seed 1). Status lives in the runtime."""
+    flat = strategy_to_flat(strategy)
+    del flat["status"], flat["updated_at"]
+    return flat
+
+
 def strategy_to_flat(strategy: Strategy) -> Flat:
     spec = strategy.spec
     return {

@@ -299,12 +299,6 @@ class Database:
             await session.commit()
             return True
 
-    async def record_order(self, order: Order, run: int) -> None:
-        """Inserts or updates an order of the order log (keyed by its client order id)."""
-        async with self._writing() as session:
-            await _upsert_order(session, order, run)
-            await session.commit()
-
     async def list_orders(self, tenant: str, strategy_id: str) -> list[Order]:
         query = select(OrderRow).where(OrderRow.tenant == tenant)
         if strategy_id:

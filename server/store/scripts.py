@@ -5,35 +5,29 @@ A script only touches the keys it is given, all of one hash tag, so Redis Cluste
 
 from __future__ import annotations
 
-# Writes a strategy's config and replaces its runtime, unless Redis already holds the same or a
-# newer runtime version: two writers that race (Start and Stop, a retry, recovery) can never
-# leave an older snapshot on top of a newer one. The config is still written when the hash is
-# missing (Redis was wiped and the engine wrote a newer runtime before the rebuild came).
+# Writes a strategy's static config (when given: it never changes, so writing it again is
+# harmless and restores it after a wipe) and replaces its runtime, unless Redis already holds
+# the same or a newer runtime version: two writers that race (Start and Stop, a retry,
+# recovery) can never leave an older snapshot on top of a newer one.
 # KEYS[1] strategy:{id}   KEYS[2] runtime:{id}
 # ARGV[1] version of the incoming runtime
 # ARGV[2] number N of strategy fields, then N field/value pairs, then the runtime field/value
 #         pairs up to the end of ARGV
-# Returns 1 when written, 0 when the stored version was already >= ARGV[1].
+# Returns 1 when the runtime was written, 0 when the stored version was already >= ARGV[1].
 APPLY_RUNTIME = """
-local incoming = tonumber(ARGV[1])
-local stored = tonumber(redis.call('HGET', KEYS[2], 'version') or '-1')
 local n = tonumber(ARGV[2])
-local stale = stored >= incoming
-if stale and (n == 0 or redis.call('EXISTS', KEYS[1]) == 1) then
-  return 0
-end
-local i = 3
 if n > 0 then
   local fields = {}
-  for k = i, i + 2 * n - 1 do
+  for k = 3, 2 + 2 * n do
     fields[#fields + 1] = ARGV[k]
   end
   redis.call('HSET', KEYS[1], unpack(fields))
 end
-if stale then
+local stored = tonumber(redis.call('HGET', KEYS[2], 'version') or '-1')
+if stored >= tonumber(ARGV[1]) then
   return 0
 end
-i = i + 2 * n
+local i = 3 + 2 * n
 local runtime = {}
 for k = i, #ARGV do
   runtime[#runtime + 1] = ARGV[k]

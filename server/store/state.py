@@ -11,13 +11,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from server.domain import Runtime, Strategy, format_decimal
+from server.domain import Runtime, Strategy
 from server.store import keys, scripts
 from server.store.codec import (
     Flat,
     runtime_from_flat,
     runtime_to_flat,
-    strategy_to_flat,
+    strategy_config,
 )
 from server.store.keys import StreamKind
 
@@ -93,7 +93,7 @@ class RedisState:
         """Writes the runtime (and the strategy's config when given) unless Redis already
         holds this version or a newer one, then keeps the symbol's live set in step.
         Returns whether this snapshot was written."""
-        strategy_fields = _pairs(strategy_to_flat(strategy)) if strategy else []
+        strategy_fields = _pairs(strategy_config(strategy)) if strategy else []
         args: list[Any] = [runtime.version, len(strategy_fields) // 2, *strategy_fields]
         args.extend(_pairs(runtime_to_flat(runtime)))
         written = await self._apply(
@@ -119,9 +119,6 @@ class RedisState:
             return Decimal(str(raw)) if raw is not None else None
         except InvalidOperation:
             return None
-
-    async def set_price(self, symbol: str, price: Decimal) -> None:
-        await self._redis.set(keys.price(symbol), format_decimal(price))
 
     async def append_event(self, kind: StreamKind, tenant: str, fields: Flat) -> str:
         """Appends one event to the tenant's stream; returns its id (the resume token)."""

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,37 +14,14 @@ from redis.asyncio import Redis
 from protos.algoplane.v1 import strategy_pb2 as pb
 from server.domain import Intent, client_order_id
 from server.store.db import Database
-from tests.conftest import Harness, make_settings, start_harness, stop_harness
+from tests.conftest import Harness
 from tests.faults.invariants import check_invariants
-from tests.support import spec
+from tests.support import spec_at
 from tests.test_engine import eventually, orders_of
 
 PAPER_LOG = "{paper}:log"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@asynccontextmanager
-async def serving(redis_url: str, data_dir: Path, **overrides: Any) -> AsyncIterator[Harness]:
-    """The in-process server (as tests.test_engine.pipeline) on any Redis URL, e.g. a proxy's;
-    the caller flushes Redis. `h.redis` talks to the same URL."""
-    values: dict[str, Any] = {"timer_sync_s": 0.5, "exec_concurrency": 8}
-    values.update(overrides)
-    harness = await start_harness(make_settings(redis_url, data_dir, **values))
-    try:
-        yield harness
-    finally:
-        await stop_harness(harness)
-
-
-def spec_at(
-    buy_at: float, sell_at: float, symbol: str = "SBIN", stop_loss: str = "95.5"
-) -> pb.StrategySpec:
-    """A spec whose BUY and SELL fall at the given epoch instants (sub-second kept)."""
-    message = spec(symbol=symbol, stop_loss=stop_loss)
-    message.buy_time.FromNanoseconds(int(buy_at * 1e9))
-    message.sell_time.FromNanoseconds(int(sell_at * 1e9))
-    return message
 
 
 async def start_at(

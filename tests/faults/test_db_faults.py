@@ -24,12 +24,11 @@ from tests.faults.common import (
     is_bought,
     paper_log,
     sleep_until,
-    spec_at,
     start_at,
     timed,
 )
 from tests.faults.proxy import FaultProxy
-from tests.support import RedisProcess, rpc_code
+from tests.support import RedisProcess, rpc_code, spec_at
 from tests.test_db import PG_HOST, PG_PORT, fresh_postgres_database
 from tests.test_engine import eventually, pipeline
 

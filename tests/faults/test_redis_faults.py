@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from protos.algoplane.v1 import strategy_pb2 as pb
 from server.domain import Intent, client_order_id
+from tests.conftest import serving
 from tests.faults.common import (
     NOT_SERVING,
     SERVING,
@@ -25,14 +26,12 @@ from tests.faults.common import (
     order_status,
     paper_log,
     reaches,
-    serving,
     sleep_until,
-    spec_at,
     start_at,
     timed,
 )
 from tests.faults.proxy import FaultProxy
-from tests.support import RedisProcess, redis_process, rpc_code
+from tests.support import RedisProcess, redis_process, rpc_code, spec_at
 from tests.test_engine import eventually, pipeline
 
 # A slow broker, so an order can be caught in flight; events of a failed attempt come back
