@@ -3,12 +3,18 @@
 Nothing else: the engine does the work. Every replica keeps timers for every live strategy
 (`sync` reloads them), and the queue's enqueue-once script makes a double firing one event,
 so two replicas are safe and either one firing is enough.
+
+There is one APScheduler job per distinct instant, not per strategy: APScheduler runs due jobs
+one by one, so 10,000 strategies with the same buy_time as 10,000 jobs would reach the queue
+one round trip at a time. One job per instant enqueues everything due then in pipelined
+chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from apscheduler.jobstores.base import JobLookupError
@@ -22,6 +28,18 @@ from server.store.queue import OrderEvent, OrderQueue
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class _Timer:
+    strategy_id: str
+    tenant: str
+    run: int
+    intent: Intent
+    due_us: int
+
+
+_Key = tuple[str, Intent]
+
+
 class Scheduler:
     def __init__(self, *, queue: OrderQueue, clock: Clock) -> None:
         self._queue = queue
@@ -33,6 +51,8 @@ class Scheduler:
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
         )
         self._fired: set[tuple[str, int, Intent]] = set()
+        self._timers: dict[_Key, _Timer] = {}
+        self._instants: dict[int, dict[_Key, _Timer]] = {}
 
     def start(self) -> None:
         self._aps.start()
@@ -53,16 +73,14 @@ class Scheduler:
 
     def cancel(self, strategy_id: str) -> None:
         for intent in (Intent.BUY, Intent.SELL):
-            with contextlib.suppress(JobLookupError):
-                self._aps.remove_job(_job_id(strategy_id, intent))
+            self._remove((strategy_id, intent))
 
     def sync(self, live: list[tuple[Strategy, Runtime]]) -> None:
         """Makes the timers match the live strategies (after a restart, or strategies another
         replica started)."""
         wanted = {strategy.id for strategy, _ in live}
-        for job in self._aps.get_jobs():
-            if job.id.split(":", 1)[0] not in wanted:
-                job.remove()
+        for key in [key for key in self._timers if key[0] not in wanted]:
+            self._remove(key)
         for strategy, runtime in live:
             self.schedule(strategy, runtime)
 
@@ -74,35 +92,62 @@ class Scheduler:
     def _add(self, strategy: Strategy, runtime: Runtime, intent: Intent, due: datetime) -> None:
         if (strategy.id, runtime.run, intent) in self._fired:
             return
-        args = [strategy.id, strategy.tenant, runtime.run, intent, to_micros(due)]
-        job = self._aps.get_job(_job_id(strategy.id, intent))
-        if job is not None and list(job.args) == args:
+        timer = _Timer(strategy.id, strategy.tenant, runtime.run, intent, to_micros(due))
+        key = (strategy.id, intent)
+        if self._timers.get(key) == timer:
             return  # the periodic sync finds most timers already set: leave them be
-        self._aps.add_job(
-            self._fire,
-            trigger="date",
-            run_date=due,
-            id=_job_id(strategy.id, intent),
-            replace_existing=True,
-            args=args,
-        )
+        self._remove(key)
+        self._timers[key] = timer
+        instant = self._instants.get(timer.due_us)
+        if instant is None:
+            instant = self._instants[timer.due_us] = {}
+            self._aps.add_job(
+                self._fire,
+                trigger="date",
+                run_date=due,
+                id=_job_id(timer.due_us),
+                replace_existing=True,
+                args=[timer.due_us],
+            )
+        instant[key] = timer
 
-    async def _fire(
-        self, strategy_id: str, tenant: str, run: int, intent: Intent, due_us: int
-    ) -> None:
-        event = OrderEvent(
-            strategy_id=strategy_id,
-            tenant=tenant,
-            run=run,
-            intent=intent,
-            order_id=client_order_id(strategy_id, run, intent),
-            due_at_us=due_us,
-            fired_at_us=to_micros(self._clock.now()),
-        )
-        if await self._queue.enqueue_retrying(event):
-            self._fired.add((strategy_id, run, intent))
-        # else: not marked fired, so the next sync sets the timer again and it refires.
+    def _remove(self, key: _Key) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is None:
+            return
+        instant = self._instants.get(timer.due_us)
+        if instant is None:
+            return
+        instant.pop(key, None)
+        if not instant:
+            del self._instants[timer.due_us]
+            with contextlib.suppress(JobLookupError):
+                self._aps.remove_job(_job_id(timer.due_us))
+
+    async def _fire(self, due_us: int) -> None:
+        """Everything due at this instant, in one burst."""
+        timers = list(self._instants.pop(due_us, {}).values())
+        for timer in timers:
+            self._timers.pop((timer.strategy_id, timer.intent), None)
+        fired_at = to_micros(self._clock.now())
+        events = [
+            OrderEvent(
+                strategy_id=t.strategy_id,
+                tenant=t.tenant,
+                run=t.run,
+                intent=t.intent,
+                order_id=client_order_id(t.strategy_id, t.run, t.intent),
+                due_at_us=t.due_us,
+                fired_at_us=fired_at,
+            )
+            for t in timers
+        ]
+        queued = await self._queue.enqueue_all(events)
+        for timer, ok in zip(timers, queued, strict=True):
+            if ok:
+                self._fired.add((timer.strategy_id, timer.run, timer.intent))
+        # Not queued: not marked fired, so the next sync sets the timer again and it refires.
 
 
-def _job_id(strategy_id: str, intent: Intent) -> str:
-    return f"{strategy_id}:{intent.value}"
+def _job_id(due_us: int) -> str:
+    return f"at:{due_us}"

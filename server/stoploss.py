@@ -40,9 +40,10 @@ class StopLossGuard:
     async def disarm(self, strategy: Strategy) -> None:
         await self._index.disarm(strategy.spec.symbol, strategy.id, strategy.spec.stop_loss)
 
-    async def on_price(self, symbol: str, price: Decimal) -> int:
-        """One tick: stored and checked in one step; returns how many stop-losses fired."""
-        fired = await self._index.tick(symbol, price)
+    async def on_price(self, symbol: str, price: Decimal, low: Decimal | None = None) -> int:
+        """One tick, or a batch ending at `price` whose lowest was `low`: stored and checked
+        in one step; returns how many stop-losses fired."""
+        fired = await self._index.tick(symbol, price, low)
         await self.hand_over(symbol, fired)
         return len(fired)
 

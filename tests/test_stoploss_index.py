@@ -66,3 +66,18 @@ async def test_disarm_and_hand_over(redis: Redis) -> None:
     assert await index.tick("SBIN", Decimal("10")) == ["b"]
     await index.handed_over("SBIN", "b")
     assert await index.fired("SBIN") == []
+
+
+async def test_a_batch_stores_its_last_price_and_fires_what_its_lowest_breached(
+    redis: Redis,
+) -> None:
+    index = StopLossIndex(redis=redis)
+    await index.arm("SBIN", "under", Decimal("94"))
+    await index.arm("SBIN", "dip", Decimal("97"))
+    await index.arm("SBIN", "above", Decimal("101"))
+    # Ticks 102, 96.5, 100.5 coalesced: last 100.5, lowest 96.5.
+    fired = await index.tick("SBIN", Decimal("100.5"), low=Decimal("96.5"))
+    assert sorted(fired) == ["above", "dip"]
+    assert await redis.get("price:{SBIN}") == "100.5"
+    assert await redis.hget("symbol:{SBIN}:stoploss:fired", "dip") == "96.5"
+    assert await index.armed_ids("SBIN") == ["under"]

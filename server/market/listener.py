@@ -4,6 +4,15 @@ It connects to ALGOPLANE_FEED_URL, subscribes to the symbols of live strategies 
 every reconnect and whenever that set changes), and never stops trying: a drop is followed by
 exponential backoff with jitter, capped. Bad messages are counted and logged, never fatal.
 A symbol with open positions that gets no tick for `stale_s` is reported.
+
+Reading and checking are decoupled: a tick only updates the symbol's pending (last, lowest)
+pair, and one flusher sends every pending symbol to Redis as soon as the previous round trip
+is back. At a few hundred ticks a second that is one round trip per tick, as before; at tens
+of thousands, ticks that arrive during a round trip share the next one, so the feed is never
+held up by Redis. Nothing is lost by coalescing: the script stores the last price and checks
+the batch's lowest, atomically with the stop-loss index, so a stop-loss that any tick of the
+batch breached fires. A batch that cannot be written (Redis away) stays pending and is
+retried, merged with what came after.
 """
 
 from __future__ import annotations
@@ -14,7 +23,8 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from decimal import Decimal
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
@@ -31,6 +41,19 @@ log = logging.getLogger(__name__)
 HealthReport = Callable[[bool], Awaitable[None]]
 MAX_MESSAGE_BYTES = 1024 * 1024
 _BASE_BACKOFF_S = 0.2
+_FLUSH_RETRY_S = 0.1
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Ticks of one symbol not yet in Redis: the newest price and the lowest since the last
+    write."""
+
+    last: Decimal
+    low: Decimal
+
+    def merge_older(self, older: _Pending) -> None:
+        self.low = min(self.low, older.low)
 
 
 def backoff_delay(attempt: int, cap_s: float, rng: random.Random) -> float:
@@ -70,6 +93,8 @@ class MarketListener:
         self._changed = asyncio.Event()
         self._last_tick: dict[str, float] = {}
         self._stale: set[str] = set()
+        self._pending: dict[str, _Pending] = {}
+        self._dirty = asyncio.Event()
 
     @property
     def symbols(self) -> frozenset[str]:
@@ -94,6 +119,16 @@ class MarketListener:
 
     async def run(self) -> None:
         """Connect, read, reconnect; forever (cancel to stop)."""
+        # The flusher outlives connections: ticks read just before a drop are still written.
+        flusher = asyncio.create_task(self._flush_forever(), name="market-flusher")
+        try:
+            await self._read_forever()
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+
+    async def _read_forever(self) -> None:
         attempt = 0
         while True:
             try:
@@ -142,17 +177,52 @@ class MarketListener:
             elif item.symbol not in self._symbols:
                 self._count("unknown_symbol", item.symbol)
             else:
-                await self._tick(item)
+                self._tick(item)
 
-    async def _tick(self, tick: Tick) -> None:
+    def _tick(self, tick: Tick) -> None:
         self._last_tick[tick.symbol] = asyncio.get_running_loop().time()
         self.stats["ticks"] += 1
-        try:
-            fired = await self._guard.on_price(tick.symbol, tick.price)
-        except Exception as exc:  # noqa: BLE001 - Redis away: count it, keep reading
-            self._count("store_errors", str(exc))
-            return
-        self.stats["stoploss_fired"] += fired
+        pending = self._pending.get(tick.symbol)
+        if pending is None:
+            self._pending[tick.symbol] = _Pending(tick.price, tick.price)
+        else:
+            pending.last = tick.price
+            pending.low = min(pending.low, tick.price)
+        self._dirty.set()
+
+    async def _flush_forever(self) -> None:
+        while not cancel_requested():  # a cancel swallowed by a Redis call still ends it
+            await self._dirty.wait()
+            self._dirty.clear()
+            batch, self._pending = self._pending, {}
+            failed = await self._flush(batch)
+            if failed:
+                for symbol, older in failed.items():
+                    newer = self._pending.get(symbol)
+                    if newer is None:
+                        self._pending[symbol] = older
+                    else:
+                        newer.merge_older(older)
+                await asyncio.sleep(_FLUSH_RETRY_S)
+                self._dirty.set()
+
+    async def _flush(self, batch: dict[str, _Pending]) -> dict[str, _Pending]:
+        """Writes and checks each symbol's batch side by side; returns the ones that failed."""
+        symbols = list(batch)
+        results = await asyncio.gather(
+            *(self._guard.on_price(s, batch[s].last, batch[s].low) for s in symbols),
+            return_exceptions=True,
+        )
+        failed: dict[str, _Pending] = {}
+        for symbol, result in zip(symbols, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                self._count("store_errors", str(result))  # Redis away: kept, retried
+                failed[symbol] = batch[symbol]
+            else:
+                self.stats["stoploss_fired"] += result
+        return failed
 
     def _count(self, reason: str, detail: str) -> None:
         self.stats[reason] += 1

@@ -89,11 +89,37 @@ class OrderQueue:
 
     async def enqueue(self, event: OrderEvent) -> str | None:
         """Adds the event unless its intent was enqueued before; returns the entry id."""
-        stream = keys.EXIT_QUEUE if event.intent.is_exit else keys.ORDER_QUEUE
-        marker = keys.fired(event.strategy_id, event.run, _marker(event))
-        fields = [item for pair in event.fields().items() for item in pair]
-        entry = await self._enqueue(keys=[stream, marker], args=[_FIRED_TTL_MS, *fields])
+        entry = await self._enqueue(*_script_args(event))
         return str(entry) if entry else None
+
+    async def enqueue_all(
+        self, events: list[OrderEvent], *, chunk: int = 256, attempts: int = 20
+    ) -> list[bool]:
+        """Many events (a burst of timers due at one instant), `chunk` per round trip; like
+        enqueue_retrying, per event. Chunks keep the first events moving to the engine while
+        the rest are still being sent."""
+        done = [False] * len(events)
+        for start in range(0, len(events), chunk):
+            part = range(start, min(start + chunk, len(events)))
+            for attempt in range(attempts):
+                todo = [n for n in part if not done[n]]
+                if not todo:
+                    break
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for n in todo:
+                            await self._enqueue(*_script_args(events[n]), client=pipe)
+                        replies = await pipe.execute(raise_on_error=False)
+                except Exception as exc:  # noqa: BLE001 - Redis away: retry, the script dedupes
+                    log.warning("enqueue of %d events failed (%s); retrying", len(todo), exc)
+                    replies = [exc] * len(todo)
+                for n, reply in zip(todo, replies, strict=True):
+                    done[n] = not isinstance(reply, Exception)
+                if not all(done[n] for n in part):
+                    await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+        if not all(done):
+            log.error("could not enqueue %d of %d events", done.count(False), len(events))
+        return done
 
     async def enqueue_retrying(self, event: OrderEvent, attempts: int = 20) -> bool:
         """Enqueue-once is idempotent, so repeating it after an unknown outcome is safe.
@@ -170,6 +196,13 @@ class OrderQueue:
             pipe.xack(delivery.stream, keys.ENGINE_GROUP, delivery.entry_id)
             pipe.xdel(delivery.stream, delivery.entry_id)
             await pipe.execute()
+
+
+def _script_args(event: OrderEvent) -> tuple[list[str], list[str | int]]:
+    stream = keys.EXIT_QUEUE if event.intent.is_exit else keys.ORDER_QUEUE
+    marker = keys.fired(event.strategy_id, event.run, _marker(event))
+    fields = [item for pair in event.fields().items() for item in pair]
+    return [stream, marker], [_FIRED_TTL_MS, *fields]
 
 
 def _marker(event: OrderEvent) -> str:

@@ -102,6 +102,11 @@ if price == '' then
 else
   redis.call('SET', KEYS[1], price)
 end
+-- ARGV[2], when given, is the lowest price of a batch of ticks whose last is ARGV[1]: the
+-- batch breached every stop-loss at or above its lowest price.
+if ARGV[2] and ARGV[2] ~= '' then
+  price = ARGV[2]
+end
 local int, frac = string.match(price, '^(%d+)%.?(%d*)$')
 if not int or #int > 10 or #frac > 8 then
   return redis.error_reply('bad price ' .. price)

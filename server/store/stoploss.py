@@ -36,17 +36,22 @@ class StopLossIndex:
     async def disarm(self, symbol: str, strategy_id: str, stop_loss: Decimal) -> None:
         await self._redis.zrem(keys.stoploss_armed(symbol), member(strategy_id, stop_loss))
 
-    async def tick(self, symbol: str, price: Decimal) -> list[str]:
-        """Stores the price; returns the strategies whose stop-loss it breached (now fired)."""
-        return await self._run(symbol, format_decimal(price))
+    async def tick(self, symbol: str, price: Decimal, low: Decimal | None = None) -> list[str]:
+        """Stores the price; returns the strategies whose stop-loss it breached (now fired).
+        `low`, for a batch of ticks ending at `price`, is the batch's lowest price: it is the
+        one checked, in the same atomic step that stores `price`."""
+        args = [format_decimal(price)]
+        if low is not None and low < price:
+            args.append(format_decimal(low))
+        return await self._run(symbol, *args)
 
     async def recheck(self, symbol: str) -> list[str]:
         """Fires what the stored price already breaches."""
         return await self._run(symbol, "")
 
-    async def _run(self, symbol: str, price: str) -> list[str]:
+    async def _run(self, symbol: str, *args: str) -> list[str]:
         keys_ = [keys.price(symbol), keys.stoploss_armed(symbol), keys.stoploss_fired(symbol)]
-        fired = await self._trigger(keys=keys_, args=[price])
+        fired = await self._trigger(keys=keys_, args=list(args))
         return [str(strategy_id) for strategy_id in fired]
 
     async def fired(self, symbol: str) -> list[str]:
