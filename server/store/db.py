@@ -23,9 +23,10 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -174,6 +175,17 @@ class Database:
         async with self._write_lock, AsyncSession(self._engine, expire_on_commit=False) as s:
             yield s
 
+    @asynccontextmanager
+    async def _writing_core(self) -> AsyncIterator[AsyncConnection]:
+        """A plain connection for the engine's hot writes: no ORM unit of work to flush.
+        Leaving without commit() rolls back."""
+        if self._write_lock is None:
+            async with self._engine.connect() as conn:
+                yield conn
+            return
+        async with self._write_lock, self._engine.connect() as conn:
+            yield conn
+
     async def get_response(self, tenant: str, request_id: str) -> StoredResponse | None:
         async with AsyncSession(self._engine) as session:
             row = await session.get(IdempotencyRow, (tenant, request_id))
@@ -257,6 +269,16 @@ class Database:
             rows = (await session.exec(query)).all()
         return [(_strategy(row), _runtime(row)) for row in rows]
 
+    async def find_with_order(
+        self, strategy_id: str, order_id: str
+    ) -> tuple[tuple[Strategy, Runtime] | None, Order | None]:
+        """find() and get_order() in one session: the engine needs both for every event."""
+        async with AsyncSession(self._engine) as session:
+            row = await session.get(StrategyRow, strategy_id)
+            order = await session.get(OrderRow, order_id) if row is not None else None
+        found = (_strategy(row), _runtime(row)) if row is not None else None
+        return found, (_order(order) if order is not None else None)
+
     async def get_order(self, order_id: str) -> Order | None:
         async with AsyncSession(self._engine) as session:
             row = await session.get(OrderRow, order_id)
@@ -283,21 +305,28 @@ class Database:
     async def save(self, runtime: Runtime | None, orders: list[tuple[Order, int]]) -> bool:
         """Commits orders (upserted by client order id) and the runtime together. The runtime
         is written only over the version just before it; False (nothing written) otherwise."""
-        async with self._writing() as session:
+        async with self._writing_core() as conn:
             if runtime is not None:
-                result = await session.exec(
+                result = await conn.execute(
                     update(StrategyRow)
                     .where(col(StrategyRow.id) == runtime.strategy_id)
                     .where(col(StrategyRow.version) == runtime.version - 1)
                     .values(**_runtime_values(runtime))
                 )
                 if result.rowcount != 1:
-                    await session.rollback()
-                    return False
+                    return False  # rolled back on leaving
             for order, run in orders:
-                await _upsert_order(session, order, run)
-            await session.commit()
+                await conn.execute(self._upsert_order(_order_values(order, run)))
+            await conn.commit()
             return True
+
+    def _upsert_order(self, values: dict[str, Any]) -> Any:
+        """One INSERT .. ON CONFLICT DO UPDATE by client order id (both dialects have it),
+        instead of a read and an ORM flush."""
+        insert = sqlite.insert if self._sqlite else postgresql.insert
+        statement = insert(OrderRow).values(**values)
+        changed = {key: statement.excluded[key] for key in values if key != "id"}
+        return statement.on_conflict_do_update(index_elements=["id"], set_=changed)
 
     async def list_orders(self, tenant: str, strategy_id: str) -> list[Order]:
         query = select(OrderRow).where(OrderRow.tenant == tenant)
@@ -336,17 +365,6 @@ async def _commit(session: AsyncSession) -> None:
     except IntegrityError:
         await session.rollback()
         raise IdempotencyConflict() from None
-
-
-async def _upsert_order(session: AsyncSession, order: Order, run: int) -> None:
-    row = await session.get(OrderRow, order.id)
-    values = _order_values(order, run)
-    if row is None:
-        session.add(OrderRow(**values))
-        return
-    for key, value in values.items():
-        setattr(row, key, value)
-    session.add(row)
 
 
 async def _update_if_version(session: AsyncSession, row: StrategyRow, runtime: Runtime) -> bool:
