@@ -19,12 +19,19 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
-from protos.algoplane.v1 import strategy_pb2, strategy_pb2_grpc
+from protos.algoplane.v1 import strategy_pb2
 from server.api.auth import TokenVerifier
 from server.api.health import FEED_HEALTH_SERVICE, HealthReporter
-from server.api.interceptors import AuthInterceptor, DecodeInterceptor, ErrorInterceptor
-from server.api.servicer import StrategyServicer
+from server.api.interceptors import (
+    AuthInterceptor,
+    DecodeInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+)
+from server.api.servicer import ENCODERS, StrategyServicer
+from server.api.servicer import add_to_server as add_strategy_service
 from server.brokers.base import Broker
+from server.brokers.metered import MeteredBroker
 from server.brokers.paper import PaperBroker
 from server.cancellation import cancel_requested
 from server.clock import Clock, SystemClock
@@ -33,6 +40,7 @@ from server.engine import EngineConfig, ExecutionEngine
 from server.manager import StrategyManager
 from server.market.formats import feed_format
 from server.market.listener import MarketListener
+from server.metrics import Metrics, MetricsServer
 from server.publisher import Publisher
 from server.recovery import Recovery
 from server.scheduler import Scheduler
@@ -88,14 +96,27 @@ class App:
         self._recovery: Recovery | None = None
         self._recovered = False
         self._background: list[asyncio.Task[Any]] = []
+        self._metrics = Metrics()
+        self._metrics_server: MetricsServer | None = None
+        self._queue: OrderQueue | None = None
+        self._index: StopLossIndex | None = None
+        # Symbols of live strategies (from the DB's periodic sync, plus every Start since):
+        # the ones whose stop-loss index is counted.
+        self._symbols: set[str] = set()
 
     @property
     def listener(self) -> MarketListener | None:
         """The market listener, when a feed is configured (its counters and state)."""
         return self._listener
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics port (ALGOPLANE_METRICS_ADDR may ask for 0), None when off."""
+        return self._metrics_server.port if self._metrics_server is not None else None
+
     async def start(self) -> Running:
         settings = self._settings
+        self._serve_metrics()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         redis_url = settings.redis_url
         if not redis_url:
@@ -114,7 +135,7 @@ class App:
             stream_maxlen=settings.stream_maxlen,
         )
         manager = self._build_pipeline(redis_url)
-        self._streams = EventStreams(state=self._state)
+        self._streams = EventStreams(state=self._state, encoders=ENCODERS)
         port = await self._start_server(manager, self._streams, TokenVerifier(secret))
         self._spawn("health", self._health_loop())
         log.info("algoplane serving reads on port %d; recovering before it trades", port)
@@ -122,6 +143,20 @@ class App:
         await self._start_trading(manager)
         log.info("algoplane trading on port %d", port)
         return Running(port=port, jwt_secret=secret, secret_generated=generated)
+
+    def _serve_metrics(self) -> None:
+        """First of all, so a taken port stops startup before anything else runs."""
+        bind = self._settings.metrics_bind
+        if bind is None:
+            return
+        try:
+            self._metrics_server = self._metrics.serve(*bind)
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve metrics on ALGOPLANE_METRICS_ADDR={self._settings.metrics_addr}"
+                f": {exc.strerror or exc}"
+            ) from exc
+        log.info("metrics on http://%s:%d/metrics", bind[0], self._metrics_server.port)
 
     async def _recover_until_done(self) -> None:
         """Health stays NOT_SERVING and Start/Stop answer UNAVAILABLE until this is done;
@@ -145,6 +180,7 @@ class App:
         await self._sync_timers()
         self._spawn("timer-sync", self._sync_loop())
         self._spawn("reconcile", _every(self._settings.timer_sync_s, self._maintain))
+        self._spawn("metrics", _every(min(1.0, self._settings.health_interval_s), self._sample))
         if self._listener is not None:
             self._start_listener(self._listener)
         manager.open_for_trading()
@@ -158,6 +194,20 @@ class App:
             self._scheduler.forget_fired()
             await self._sync_timers()
         await self._recovery.reconcile()
+
+    async def _sample(self) -> None:
+        """Gauges whose truth is in Redis. Sampled here, on the event loop, rather than on
+        scrape: the HTTP server answers from its own thread, which cannot use the async
+        Redis client, and a scrape must never wait on the loop. They lag by at most the
+        interval (a second)."""
+        assert self._queue is not None and self._index is not None
+        self._metrics.set_queues(await self._queue.depths())
+        self._metrics.stoploss_armed.set(await self._index.armed_total(self._symbols))
+
+    def _watch_symbol(self, symbol: str) -> None:
+        self._symbols.add(symbol)
+        if self._listener is not None:
+            self._listener.add(symbol)
 
     async def _recovered_check(self) -> None:
         if not self._recovered:
@@ -179,13 +229,13 @@ class App:
         self._engine_redis = connect(
             redis_url, timeout_s=settings.redis_timeout_s + engine_config.block_ms / 1000
         )
-        queue = OrderQueue(redis=self._engine_redis, consumer=_consumer_name())
+        queue = self._queue = OrderQueue(redis=self._engine_redis, consumer=_consumer_name())
         locks = StrategyLocks(redis=state.client, ttl_ms=settings.lock_ttl_ms)
         publisher = Publisher(state=state)
-        index = StopLossIndex(redis=state.client)
+        index = self._index = StopLossIndex(redis=state.client)
         guard = StopLossGuard(index=index, queue=queue, state=state, clock=self._clock)
         self._listener = self._market_listener(guard, index, publisher)
-        self._scheduler = Scheduler(queue=queue, clock=self._clock)
+        self._scheduler = Scheduler(queue=queue, clock=self._clock, metrics=self._metrics)
         self._engine = ExecutionEngine(
             queue=queue,
             locks=locks,
@@ -196,6 +246,7 @@ class App:
             clock=self._clock,
             config=engine_config,
             cancel_timers=self._scheduler.cancel,
+            metrics=self._metrics,
         )
         self._recovery = Recovery(
             db=db,
@@ -213,7 +264,7 @@ class App:
             locks=locks,
             stoploss=guard,
             clock=self._clock,
-            watch_symbol=self._listener.add if self._listener else lambda _symbol: None,
+            watch_symbol=self._watch_symbol,
         )
 
     def _market_listener(
@@ -224,7 +275,7 @@ class App:
             log.warning("no ALGOPLANE_FEED_URL: prices come only from price:{SYMBOL} keys")
             return None
         assert self._state is not None
-        return MarketListener(
+        listener = MarketListener(
             url=settings.feed_url,
             fmt=feed_format(settings.feed_format),
             guard=guard,
@@ -235,6 +286,8 @@ class App:
             stale_s=settings.feed_stale_s,
             report_health=self._report_feed,
         )
+        self._metrics.watch_listener(listener)
+        return listener
 
     def _start_listener(self, listener: MarketListener) -> None:
         check_every = min(1.0, self._settings.feed_stale_s / 3)
@@ -251,13 +304,14 @@ class App:
 
     def _broker(self, state: RedisState) -> Broker:
         settings = self._settings
-        return PaperBroker(
+        paper = PaperBroker(
             redis=state.client,
             prices=state,
             latency_s=settings.paper_latency_ms / 1000,
             timeout_rate=settings.paper_timeout_rate,
             error_rate=settings.paper_error_rate,
         )
+        return MeteredBroker(broker=paper, metrics=self._metrics)
 
     async def _sync_loop(self) -> None:
         while not cancel_requested():  # see server.cancellation
@@ -272,21 +326,28 @@ class App:
         assert self._scheduler is not None and self._db is not None
         live = await self._db.list_live()
         self._scheduler.sync(live)
+        self._symbols = {strategy.spec.symbol for strategy, _ in live}
         if self._listener is not None:
-            self._listener.watch({strategy.spec.symbol for strategy, _ in live})
+            self._listener.watch(self._symbols)
 
     async def _start_server(
         self, manager: StrategyManager, streams: EventStreams, verifier: TokenVerifier
     ) -> int:
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), AuthInterceptor(verifier), DecodeInterceptor()],
+            # Outermost first: metrics see the status the error interceptor settled on.
+            interceptors=[
+                MetricsInterceptor(self._metrics),
+                ErrorInterceptor(),
+                AuthInterceptor(verifier),
+                DecodeInterceptor(),
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        strategy_pb2_grpc.add_StrategyServiceServicer_to_server(
+        add_strategy_service(
             StrategyServicer(
                 manager=manager, streams=streams, stall_s=self._settings.stream_stall_s
             ),
@@ -337,6 +398,9 @@ class App:
             await self._db.close()
         if self._embedded is not None:
             await self._embedded.stop()
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.close)
+            self._metrics_server = None
 
     async def _stop_api(self) -> None:
         if self._health is not None:

@@ -10,6 +10,7 @@ import signal
 import sys
 from datetime import timedelta
 
+from server import logs
 from server.api.auth import mint_token, parse_ttl
 from server.app import App, load_or_create_secret
 from server.clock import SystemClock
@@ -25,10 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"algoplane: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "token":
         return _token(settings, args.sub, args.ttl)
     try:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _ADDR = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+|\*):\d{1,5}$")
@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     jwt_secret: str = Field(default="", repr=False)
     reflection: bool = True
     log_level: LogLevel = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    # Prometheus /metrics over HTTP; empty: off. Each replica on a host needs its own port.
+    metrics_addr: str = "127.0.0.1:9464"
     # How long in-flight calls may run after SIGTERM before they are cancelled.
     shutdown_grace_s: Annotated[float, Field(ge=0, le=300)] = 5.0
     # Upper bound on any single Redis command, so an RPC never hangs on a stalled Redis.
@@ -69,11 +72,15 @@ class Settings(BaseSettings):
     paper_timeout_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     paper_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
 
-    @field_validator("grpc_addr")
+    @field_validator("grpc_addr", "metrics_addr")
     @classmethod
-    def _addr(cls, value: str) -> str:
+    def _addr(cls, value: str, info: ValidationInfo) -> str:
+        metrics = info.field_name == "metrics_addr"
+        if metrics and value == "":
+            return value
         if not _ADDR.match(value):
-            raise ValueError("expected host:port, e.g. 127.0.0.1:50051")
+            example = "127.0.0.1:9464, or empty for off" if metrics else "127.0.0.1:50051"
+            raise ValueError(f"expected host:port, e.g. {example}")
         port = int(value.rsplit(":", 1)[1])
         if port > 65535:
             raise ValueError("port must be at most 65535")
@@ -106,6 +113,15 @@ class Settings(BaseSettings):
         if value and len(value.encode()) < 32:
             raise ValueError("must be at least 32 bytes for HS256")
         return value
+
+    @property
+    def metrics_bind(self) -> tuple[str, int] | None:
+        """(host, port) for the metrics server, None when it is off."""
+        if not self.metrics_addr:
+            return None
+        host, port = self.metrics_addr.rsplit(":", 1)
+        host = "0.0.0.0" if host == "*" else host.strip("[]")
+        return host, int(port)
 
     @property
     def effective_database_url(self) -> str:

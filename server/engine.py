@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -41,12 +42,15 @@ from server.domain import (
     refusal,
     strategy_failed,
 )
+from server.logs import bind as bind_log_context
+from server.logs import reset as reset_log_context
+from server.metrics import Metrics
 from server.publisher import Publisher
 from server.stoploss import StopLossGuard
 from server.store.codec import to_micros
 from server.store.db import Database
 from server.store.locks import StrategyLocks
-from server.store.queue import Delivery, OrderEvent, OrderQueue
+from server.store.queue import QUEUE_NAMES, Delivery, OrderEvent, OrderQueue
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,7 @@ class ExecutionEngine:
         clock: Clock,
         config: EngineConfig,
         cancel_timers: Callable[[str], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self._queue = queue
         self._locks = locks
@@ -94,6 +99,7 @@ class ExecutionEngine:
         self._clock = clock
         self._config = config
         self._cancel_timers = cancel_timers
+        self._metrics = metrics or Metrics()
         self._closing = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # Workers waiting in XREADGROUP hold nothing yet; stop() cancels them at once.
@@ -158,6 +164,7 @@ class ExecutionEngine:
 
     async def _take_over(self, delivery: Delivery) -> None:
         log.warning("taking over event %s (%s)", delivery.entry_id, delivery.fields)
+        self._metrics.redelivered(QUEUE_NAMES.get(delivery.stream, ""))
         async with self._busy:
             await self.handle(delivery)
 
@@ -165,6 +172,13 @@ class ExecutionEngine:
         """Runs one delivered event to its end and acknowledges it. A failure (Redis or the
         DB away, a pooled connection broken by a reset) is retried here a few times, since
         handling is idempotent; past that the event stays pending for the reaper."""
+        fields = delivery.fields
+        bound = bind_log_context(
+            event_id=delivery.entry_id,
+            tenant=fields.get("tenant", ""),
+            strategy_id=fields.get("strategy_id", ""),
+            order_id=fields.get("order_id", ""),
+        )
         toucher = asyncio.create_task(self._touch(delivery))
         try:
             finished = await self._handle_retrying(delivery)
@@ -172,6 +186,7 @@ class ExecutionEngine:
             log.exception("event %s failed; it will be delivered again", delivery.entry_id)
             return
         finally:
+            reset_log_context(bound)
             toucher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await toucher
@@ -217,12 +232,11 @@ class ExecutionEngine:
 
     async def execute(self, event: OrderEvent) -> Outcome:
         """One event, under the strategy's lock."""
-        found = await self._db.find(event.strategy_id)
+        found, existing = await self._db.find_with_order(event.strategy_id, event.order_id)
         if found is None:
             log.error("event for unknown strategy %s dropped", event.strategy_id)
             return Outcome.DONE
         strategy, runtime = found
-        existing = await self._db.get_order(event.order_id)
         if existing is not None and existing.status.final:
             log.info("duplicate event for %s (%s) dropped", event.order_id, existing.status)
             await self.restore_hot(strategy, runtime)
@@ -234,7 +248,7 @@ class ExecutionEngine:
         if isinstance(started, Outcome):
             return started
         order, runtime = started
-        await self._send(event, strategy, runtime, order)
+        await self._send(event, strategy, runtime, order, intent_committed=True)
         return Outcome.DONE
 
     async def restore_hot(self, strategy: Strategy, runtime: Runtime) -> None:
@@ -325,16 +339,25 @@ class ExecutionEngine:
             await self._fail(runtime, why)
             return Outcome.DONE
         now = self._clock.now()
-        order = _new_order(event, strategy, OrderStatus.PENDING, now)
+        # The intent and the first attempt in one commit: the broker call follows at once.
+        order = replace(_new_order(event, strategy, OrderStatus.SUBMITTED, now), attempts=1)
         submitted = order_submitted(runtime, event.intent, order.id, now)
         await self._commit(submitted, [order], event.run)
         return order, submitted
 
     async def _send(
-        self, event: OrderEvent, strategy: Strategy, runtime: Runtime, order: Order
+        self,
+        event: OrderEvent,
+        strategy: Strategy,
+        runtime: Runtime,
+        order: Order,
+        *,
+        intent_committed: bool = False,
     ) -> None:
         side = Side.BUY if event.intent is Intent.BUY else Side.SELL
-        reply, order, error = await self._place(order, strategy.spec.symbol, side, event.run)
+        reply, order, error = await self._place(
+            order, strategy.spec.symbol, side, event.run, event.tick_at_us, intent_committed
+        )
         now = self._clock.now()
         if reply is _UNKNOWN:  # the last attempt's fate is unknown: the reconciler settles it
             await self._leave_unknown(order, event.run, f"outcome unknown: {error}")
@@ -377,21 +400,32 @@ class ExecutionEngine:
         await self._commit(None, [replace(order, status=OrderStatus.SUBMITTED)], event.run)
 
     async def _place(
-        self, order: Order, symbol: str, side: Side, run: int
+        self,
+        order: Order,
+        symbol: str,
+        side: Side,
+        run: int,
+        tick_at_us: int = 0,
+        first_committed: bool = False,
     ) -> tuple[BrokerOrder | object | None, Order, str]:
         """At most broker_attempts placements, all with the same client order id; after an
         ambiguous failure the broker is asked first, so a timeout never becomes two orders.
+        Every attempt is committed before its call (`first_committed`: the caller did it for
+        the first, with the intent).
         Returns the broker's order, None (it surely has none), or _UNKNOWN."""
         error = ""
         found: BrokerOrder | object | None = None
-        for _ in range(self._config.broker_attempts):
-            order = replace(
-                order,
-                status=OrderStatus.SUBMITTED,
-                attempts=order.attempts + 1,
-                updated_at=self._clock.now(),
-            )
-            await self._commit(None, [order], run)
+        for attempt in range(self._config.broker_attempts):
+            if attempt > 0 or not first_committed:
+                order = replace(
+                    order,
+                    status=OrderStatus.SUBMITTED,
+                    attempts=order.attempts + 1,
+                    updated_at=self._clock.now(),
+                )
+                await self._commit(None, [order], run)
+            if tick_at_us and order.attempts == 1:  # wall clock: the tick may be another host's
+                self._metrics.tick_to_order((time.time_ns() // 1000 - tick_at_us) / 1e6)
             try:
                 reply = await asyncio.wait_for(
                     self._broker.place_order(order.id, symbol, side, order.quantity),
@@ -449,6 +483,14 @@ class ExecutionEngine:
         """DB first (runtime and orders in one transaction), then Redis and the streams."""
         if not await self._db.save(runtime, [(order, run) for order in orders]):
             raise RuntimeError("runtime changed under the strategy lock (lock lost?)")
+        # Counted once committed: a retry after a failed publish finds the order final in the
+        # DB and drops the event, so this is the one place that sees it become final.
+        for order in (order for order in orders if order.status.final):
+            self._metrics.order_final(order.kind, order.status)
+            ids = {"tenant": order.tenant, "strategy_id": order.strategy_id}
+            ids["order_id"] = order.id  # also when recovery settles it (no event bound)
+            why = f": {order.error}" if order.error else ""
+            log.info("order %s %s%s", order.id, order.status.value, why, extra=ids)
         for order in orders:
             await self._publish.order(order)
         if runtime is not None:

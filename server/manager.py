@@ -179,6 +179,12 @@ class StrategyManager:
             strategy, current = await self._db.get_strategy(tenant, strategy_id)
             plan = plan_stop(current, keep_position, self._clock.now())
             self._scheduler.cancel(strategy_id)
+            log.info(
+                "strategy %s stopping (%s)",
+                strategy_id,
+                "exiting the position" if plan.exit_position else "no exit",
+                extra={"tenant": tenant, "strategy_id": strategy_id},
+            )
             if plan.exit_position:
                 await self._enqueue_exit(strategy, current)
             elif plan.runtime != current:
@@ -273,6 +279,17 @@ class StrategyManager:
         await self._publish(runtime, strategy)
         self._scheduler.schedule(strategy, runtime)
         self._watch_symbol(strategy.spec.symbol)
+        spec = strategy.spec
+        log.info(
+            "strategy %s started: %s x%d, buy %s, sell %s, stop-loss %s",
+            strategy.id,
+            spec.symbol,
+            spec.quantity,
+            spec.buy_time.isoformat(),
+            spec.sell_time.isoformat(),
+            format_decimal(spec.stop_loss),
+            extra={"tenant": strategy.tenant, "strategy_id": strategy.id},
+        )
 
     async def _publish(self, runtime: Runtime, strategy: Strategy) -> None:
         await self._publisher.runtime(runtime, strategy)

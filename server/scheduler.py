@@ -22,6 +22,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from server.clock import Clock
 from server.domain import Intent, Position, Runtime, Strategy, StrategyStatus, client_order_id
+from server.metrics import Metrics
 from server.store.codec import to_micros
 from server.store.queue import OrderEvent, OrderQueue
 
@@ -41,9 +42,10 @@ _Key = tuple[str, Intent]
 
 
 class Scheduler:
-    def __init__(self, *, queue: OrderQueue, clock: Clock) -> None:
+    def __init__(self, *, queue: OrderQueue, clock: Clock, metrics: Metrics | None = None) -> None:
         self._queue = queue
         self._clock = clock
+        self._metrics = metrics or Metrics()
         # A timer late because the process was down still fires (misfire_grace_time=None):
         # the engine, not the timer, decides whether a late BUY may still be placed.
         self._aps = AsyncIOScheduler(
@@ -130,6 +132,8 @@ class Scheduler:
         for timer in timers:
             self._timers.pop((timer.strategy_id, timer.intent), None)
         fired_at = to_micros(self._clock.now())
+        for timer in timers:
+            self._metrics.timer_fired(timer.intent, (fired_at - due_us) / 1_000_000)
         events = [
             OrderEvent(
                 strategy_id=t.strategy_id,

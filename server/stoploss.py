@@ -40,11 +40,14 @@ class StopLossGuard:
     async def disarm(self, strategy: Strategy) -> None:
         await self._index.disarm(strategy.spec.symbol, strategy.id, strategy.spec.stop_loss)
 
-    async def on_price(self, symbol: str, price: Decimal, low: Decimal | None = None) -> int:
+    async def on_price(
+        self, symbol: str, price: Decimal, low: Decimal | None = None, received_us: int = 0
+    ) -> int:
         """One tick, or a batch ending at `price` whose lowest was `low`: stored and checked
-        in one step; returns how many stop-losses fired."""
+        in one step; returns how many stop-losses fired. `received_us`: when the tick (the
+        batch's first) arrived, carried to the exit for its tick-to-order latency."""
         fired = await self._index.tick(symbol, price, low)
-        await self.hand_over(symbol, fired)
+        await self.hand_over(symbol, fired, received_us)
         return len(fired)
 
     async def sweep(self, symbols: set[str]) -> None:
@@ -55,7 +58,7 @@ class StopLossGuard:
                 log.warning("re-enqueueing %d stop-loss triggers on %s", len(pending), symbol)
                 await self.hand_over(symbol, pending)
 
-    async def hand_over(self, symbol: str, strategy_ids: list[str]) -> None:
+    async def hand_over(self, symbol: str, strategy_ids: list[str], tick_at_us: int = 0) -> None:
         for strategy_id in strategy_ids:
             runtime = await self._state.get_runtime(strategy_id)
             holding = runtime is not None and runtime.position is Position.BOUGHT
@@ -69,8 +72,10 @@ class StopLossGuard:
                     order_id=client_order_id(strategy_id, runtime.run, Intent.STOPLOSS),
                     due_at_us=now,
                     fired_at_us=now,
+                    tick_at_us=tick_at_us,
                 )
-                log.info("stop-loss of %s breached on %s", strategy_id, symbol)
+                ids = {"tenant": runtime.tenant, "strategy_id": strategy_id}
+                log.info("stop-loss of %s breached on %s", strategy_id, symbol, extra=ids)
                 if not await self._queue.enqueue_retrying(event):
                     continue  # stays in the fired hash; the next sweep tries again
             await self._index.handed_over(symbol, strategy_id)

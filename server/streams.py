@@ -1,71 +1,81 @@
-"""Live event streams for StreamRuntime/StreamOrders, read from the tenant's Redis Stream.
+"""Live event streams for StreamRuntime/StreamOrders, from the tenant's Redis Stream.
 
-A subscriber pulls with XREAD from an exact position, so a slow reader costs the server no
-memory (gRPC flow control holds it back), and resuming after `after_event_id` gives no gap
-and no duplicate. Empty `after_event_id` starts at the stream's current end, resolved once
-so that nothing written between two reads is skipped.
+Positions are exact Redis Stream ids, so resuming after `after_event_id` gives no gap and no
+duplicate. Empty `after_event_id` starts at the stream's current end, resolved once so that
+nothing written between two reads is skipped. Subscribers of one tenant share a TenantFeed
+(server/fanout.py): one reader and one encoding per event. A subscriber that is behind the
+feed's buffer reads Redis itself, pulling, so a slow reader costs the server no memory (gRPC
+flow control holds it back).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Mapping
 
-from server.domain import Order, Runtime
 from server.errors import InvalidArgument, OutOfRange, Unavailable
-from server.store.codec import Flat, order_from_flat, runtime_from_flat
+from server.fanout import Encode, Encoded, TenantFeed, encode
 from server.store.keys import StreamKind
-from server.store.state import RedisState, StreamId, format_stream_id, parse_stream_id
-
-T = TypeVar("T")
+from server.store.state import RedisState, StreamId, parse_stream_id
 
 
 class EventStreams:
-    def __init__(self, *, state: RedisState, block_ms: int = 1000, batch: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        state: RedisState,
+        encoders: Mapping[StreamKind, Encode],
+        block_ms: int = 1000,
+        batch: int = 256,
+        buffer: int = 1024,
+    ) -> None:
         self._state = state
+        self._encoders = encoders
         self._block_ms = block_ms
         self._batch = batch
+        self._buffer = buffer
         self._closing = asyncio.Event()
+        self._feeds: dict[tuple[StreamKind, str], TenantFeed] = {}
 
     def close(self) -> None:
         """Ends every open subscription with UNAVAILABLE (the client resumes elsewhere)."""
         self._closing.set()
 
-    def runtime_events(
-        self, tenant: str, strategy_id: str, after_event_id: str
-    ) -> AsyncIterator[tuple[str, Runtime]]:
-        return self._events("runtime", tenant, strategy_id, after_event_id, runtime_from_flat)
-
-    def order_events(
-        self, tenant: str, strategy_id: str, after_event_id: str
-    ) -> AsyncIterator[tuple[str, Order]]:
-        return self._events("orders", tenant, strategy_id, after_event_id, order_from_flat)
-
-    async def _events(
-        self,
-        kind: StreamKind,
-        tenant: str,
-        strategy_id: str,
-        after_event_id: str,
-        decode: Callable[[Flat], T],
-    ) -> AsyncIterator[tuple[str, T]]:
-        position = await self._start(kind, tenant, after_event_id)
-        while True:
-            batch = await self._next_batch(kind, tenant, position)
-            for event_id, fields in batch:
-                position = event_id
-                if strategy_id and fields.get("strategy_id") != strategy_id:
+    async def events(
+        self, kind: StreamKind, tenant: str, strategy_id: str, after_event_id: str
+    ) -> AsyncGenerator[tuple[str, bytes]]:
+        """(event_id, the encoded event) for each event after the start position."""
+        position, last = await self._start(kind, tenant, after_event_id)
+        feed = self._subscribe(kind, tenant, last)
+        try:
+            while True:
+                changed = feed.changed
+                if self._closing.is_set():
+                    raise Unavailable("server is shutting down; resume with after_event_id")
+                if feed.error is not None:
+                    raise Unavailable(f"event stream unavailable ({feed.error}); resume later")
+                items = feed.after(position)
+                if items is None:  # behind the shared buffer: catch up from Redis
+                    items = await self._catch_up(kind, tenant, position)
+                if not items:
+                    await self._wait(changed)
                     continue
-                yield format_stream_id(event_id), decode(fields)
+                for item in items:
+                    position = item.position
+                    if not strategy_id or item.strategy_id == strategy_id:
+                        yield item.event_id, item.payload
+        finally:
+            await self._unsubscribe(kind, tenant, feed)
 
-    async def _start(self, kind: StreamKind, tenant: str, after_event_id: str) -> StreamId:
+    async def _start(
+        self, kind: StreamKind, tenant: str, after_event_id: str
+    ) -> tuple[StreamId, StreamId]:
+        """The subscriber's start position and the stream's last id."""
         if self._closing.is_set():
             raise Unavailable("server is shutting down")
         bounds = await self._state.stream_bounds(kind, tenant)
         if not after_event_id:
-            return bounds.last_id
+            return bounds.last_id, bounds.last_id
         after = parse_stream_id(after_event_id)
         if after is None:
             raise InvalidArgument("after_event_id", "must be an event_id from this stream")
@@ -73,25 +83,42 @@ class EventStreams:
             raise OutOfRange("after_event_id is ahead of the stream (was it reset?)")
         if bounds.trimmed_through is not None and after < bounds.trimmed_through:
             raise OutOfRange("after_event_id is older than the events the stream still keeps")
-        return after
+        return after, bounds.last_id
 
-    async def _next_batch(
-        self, kind: StreamKind, tenant: str, position: StreamId
-    ) -> list[tuple[StreamId, Flat]]:
-        read = asyncio.ensure_future(
-            self._state.read_events(
-                kind, tenant, position, block_ms=self._block_ms, count=self._batch
+    def _subscribe(self, kind: StreamKind, tenant: str, last: StreamId) -> TenantFeed:
+        feed = self._feeds.get((kind, tenant))
+        if feed is None or feed.error is not None:
+            feed = TenantFeed(
+                read=lambda after: self._state.read_events(
+                    kind, tenant, after, block_ms=self._block_ms, count=self._batch
+                ),
+                encoder=self._encoders[kind],
+                start=last,
+                capacity=self._buffer,
             )
+            self._feeds[(kind, tenant)] = feed
+            feed.start()
+        feed.subscribers += 1
+        return feed
+
+    async def _unsubscribe(self, kind: StreamKind, tenant: str, feed: TenantFeed) -> None:
+        feed.subscribers -= 1
+        if feed.subscribers == 0:
+            if self._feeds.get((kind, tenant)) is feed:
+                del self._feeds[(kind, tenant)]
+            await feed.stop()
+
+    async def _catch_up(self, kind: StreamKind, tenant: str, position: StreamId) -> list[Encoded]:
+        batch = await self._state.read_events(
+            kind, tenant, position, block_ms=None, count=self._batch
         )
+        return [encode(p, fields, self._encoders[kind]) for p, fields in batch]
+
+    async def _wait(self, changed: asyncio.Event) -> None:
         closing = asyncio.ensure_future(self._closing.wait())
+        arrived = asyncio.ensure_future(changed.wait())
         try:
-            await asyncio.wait({read, closing}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({closing, arrived}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (read, closing):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-        if not read.done() or read.cancelled():
-            raise Unavailable("server is shutting down; resume with after_event_id")
-        return read.result()
+            for task in (closing, arrived):
+                task.cancel()

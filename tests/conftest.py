@@ -49,6 +49,8 @@ def make_settings(redis_url: str, data_dir: Path, **overrides: object) -> Settin
         "shutdown_grace_s": 1.0,
         "health_interval_s": 0.2,
         "redis_timeout_s": 1.0,
+        # Never the default 9464: tests run servers side by side; metric tests ask for port 0.
+        "metrics_addr": "",
     }
     values.update(overrides)
     return Settings.model_validate(values)

@@ -144,6 +144,7 @@ def server_env(**overrides: str) -> dict[str, str]:
     """Environment for a server subprocess: only our settings, plus the current PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALGOPLANE_")}
     env.update(overrides)
+    env.setdefault("ALGOPLANE_METRICS_ADDR", "")  # never the default 9464 (servers side by side)
     env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     return env
 

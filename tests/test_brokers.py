@@ -16,7 +16,9 @@ from server.brokers.base import (
     Side,
     check_reply,
 )
+from server.brokers.metered import MeteredBroker
 from server.brokers.paper import PaperBroker
+from server.metrics import Metrics
 from server.store.state import RedisState, connect
 from tests.support import RedisProcess
 
@@ -37,9 +39,10 @@ def paper(state: RedisState, timeout_rate: float = 0.0, error_rate: float = 0.0)
     )
 
 
-@pytest.fixture(params=["paper"])
+@pytest.fixture(params=["paper", "metered-paper"])
 def broker(request: pytest.FixtureRequest, state: RedisState) -> Broker:
-    assert request.param == "paper"
+    if request.param == "metered-paper":  # the wrapper the app puts around every adapter
+        return MeteredBroker(broker=paper(state), metrics=Metrics())
     return paper(state)
 
 

@@ -100,7 +100,7 @@ async def test_breaching_tick_exits_by_stop_loss_ahead_of_sell(
             seen.append((event.order.kind, event.order.status))
             if seen[-1] == (pb.ORDER_KIND_STOPLOSS, pb.ORDER_STATUS_FILLED):
                 break
-        assert (pb.ORDER_KIND_STOPLOSS, pb.ORDER_STATUS_PENDING) in seen
+        assert (pb.ORDER_KIND_STOPLOSS, pb.ORDER_STATUS_SUBMITTED) in seen
         assert await h.redis.zcard("symbol:{SBIN}:stoploss") == 0
 
 

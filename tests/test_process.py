@@ -184,6 +184,8 @@ async def test_embedded_defaults_sigterm_and_restart(tmp_path: Path) -> None:
         ("ALGOPLANE_REDIS_URL", "http://localhost:6379"),
         ("ALGOPLANE_DATABASE_URL", "mysql://db"),
         ("ALGOPLANE_STREAM_MAXLEN", "ten"),
+        ("ALGOPLANE_METRICS_ADDR", "9464"),
+        ("ALGOPLANE_LOG_FORMAT", "xml"),
     ],
 )
 def test_malformed_setting_stops_startup(tmp_path: Path, name: str, value: str) -> None:

@@ -211,21 +211,33 @@ async def test_strategy_filter_yields_only_that_strategy(server: Harness) -> Non
     assert event.runtime.status == pb.STRATEGY_STATUS_STOPPED
 
 
-async def test_two_subscribers_both_see_every_event(server: Harness) -> None:
+async def test_two_subscribers_share_one_reader_and_both_see_every_event(
+    server: Harness,
+) -> None:
     stub = aio_stub(server.channel)
-    one, two = runtime_stream(stub), runtime_stream(stub)
+    one = runtime_stream(stub)
+    await blocked_stream_readers(server.redis, 1)
+    first = await start_new(stub, "X0")
+    [seen] = await take(one, 1)
+    assert seen.runtime == first
+    # Resuming after the event `one` saw pins `two` to the same position without a race.
+    two = runtime_stream(stub, after=seen.event_id)
     try:
-        await blocked_stream_readers(server.redis, 2)
         changes = []
         for symbol in ("X1", "X2", "X3"):
             started = await start_new(stub, symbol)
             changes += [started, await stop(stub, started.strategy_id)]
         got_one, got_two = await asyncio.gather(take(one, 6), take(two, 6))
+        # Both are reading: one tenant's subscribers share one blocking XREAD.
+        await asyncio.sleep(0.1)
+        clients = await server.redis.client_list()
+        assert sum(c.get("cmd") == "xread" and "b" in c.get("flags", "") for c in clients) == 1
     finally:
         one.cancel()
         two.cancel()
     assert [e.runtime for e in got_one] == changes
     assert got_one == got_two
+    await blocked_stream_readers(server.redis, 0)  # the last one out stops the reader
 
 
 StreamKind = Literal["runtime", "orders"]

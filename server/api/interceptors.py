@@ -1,4 +1,5 @@
-"""Interceptors: authentication and error -> status translation, the only place that aborts.
+"""Interceptors: metrics, authentication and error -> status translation (the only place
+that aborts).
 
 They wrap the method's behaviour rather than short-circuiting in intercept_service, so the
 verified tenant is set in a context variable of the very task that runs the handler.
@@ -6,6 +7,7 @@ verified tenant is set in a context variable of the very task that runs the hand
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -16,8 +18,10 @@ import redis.exceptions
 import sqlalchemy.exc
 from google.protobuf.message import DecodeError
 
+from server import logs
 from server.api.auth import TokenVerifier
 from server.errors import AlgoplaneError, InvalidArgument
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ class _BehaviourInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
     def wrap(self, behaviour: Behaviour) -> Behaviour:
         raise NotImplementedError
 
+    def wrap_rpc(self, behaviour: Behaviour, method: str, streaming: bool) -> Behaviour:
+        """Like `wrap`, for an interceptor that needs to know which method it wraps."""
+        return self.wrap(behaviour)
+
     def wrap_deserializer(self, deserializer: Deserializer | None) -> Deserializer | None:
         return deserializer
 
@@ -73,12 +81,48 @@ class _BehaviourInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
             behaviour, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
         else:
             return handler
+        method = handler_call_details.method.removeprefix(SERVICE_PREFIX)
+        streaming = handler.unary_stream is not None
         wrapped: grpc.RpcMethodHandler[Any, Any] = factory(
-            self.wrap(cast(Behaviour, behaviour)),
+            self.wrap_rpc(cast(Behaviour, behaviour), method, streaming),
             request_deserializer=self.wrap_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         return wrapped
+
+
+class MetricsInterceptor(_BehaviourInterceptor):
+    """Counts every call by method and the status code its client gets, and open streams.
+    It must be the outermost interceptor: the error interceptor inside it has already turned
+    every exception into the final status (an abort) by the time a call returns here."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def wrap_rpc(self, behaviour: Behaviour, method: str, streaming: bool) -> Behaviour:
+        subscribers = self._metrics.subscribers.get(method) if streaming else None
+
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            # Anything the error interceptor lets through reaches the client as UNKNOWN.
+            code: grpc.StatusCode | None = grpc.StatusCode.UNKNOWN
+            if subscribers is not None:
+                subscribers.inc()
+            try:
+                result = await behaviour(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return result
+            except grpc.aio.AbortError:
+                code = context.code()
+                raise
+            except asyncio.CancelledError:  # the client went away (or the server stopped)
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                if subscribers is not None:
+                    subscribers.dec()
+                self._metrics.rpc_done(method, (code or grpc.StatusCode.UNKNOWN).name)
+
+        return call
 
 
 class ErrorInterceptor(_BehaviourInterceptor):
@@ -109,6 +153,9 @@ class AuthInterceptor(_BehaviourInterceptor):
     def wrap(self, behaviour: Behaviour) -> Behaviour:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             self._authenticate(context)
+            # Log lines of this call carry its tenant (and strategy, when the request names
+            # one); the call runs in its own task, so the binding ends with it.
+            logs.bind(tenant=tenant(), strategy_id=str(getattr(request, "strategy_id", "")))
             return await behaviour(request, context)
 
         return call

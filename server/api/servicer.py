@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -19,6 +21,8 @@ from server.api.convert import (
 from server.api.interceptors import tenant
 from server.errors import InvalidArgument, ResourceExhausted
 from server.manager import StrategyManager
+from server.store.codec import Flat, order_from_flat, runtime_from_flat
+from server.store.keys import StreamKind
 from server.streams import EventStreams
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -80,29 +84,29 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
         orders = await self._manager.orders(tenant(), request.strategy_id)
         return pb.ListOrdersResponse(orders=[order_to_proto(o) for o in orders])
 
-    # Streams write with context.write (not yield) so a stalled reader can be cut off.
+    # Streams write with context.write (not yield) so a stalled reader can be cut off. What
+    # they write is the event already encoded once for every subscriber (add_to_server).
     async def StreamRuntime(  # type: ignore[override]
         self, request: pb.StreamRuntimeRequest, context: Context
     ) -> None:
-        owner = tenant()
-        if request.strategy_id:
-            await self._manager.check_owner(owner, request.strategy_id)
-        events = self._streams.runtime_events(owner, request.strategy_id, request.after_event_id)
-        async for event_id, runtime in events:
-            event = pb.RuntimeEvent(event_id=event_id, runtime=runtime_to_proto(runtime))
-            await self._write(context, event)
+        await self._stream("runtime", request.strategy_id, request.after_event_id, context)
 
     async def StreamOrders(  # type: ignore[override]
         self, request: pb.StreamOrdersRequest, context: Context
     ) -> None:
+        await self._stream("orders", request.strategy_id, request.after_event_id, context)
+
+    async def _stream(
+        self, kind: StreamKind, strategy_id: str, after_event_id: str, context: Context
+    ) -> None:
         owner = tenant()
-        if request.strategy_id:
-            await self._manager.check_owner(owner, request.strategy_id)
-        events = self._streams.order_events(owner, request.strategy_id, request.after_event_id)
-        async for event_id, order in events:
-            await self._write(
-                context, pb.OrderEvent(event_id=event_id, order=order_to_proto(order))
-            )
+        if strategy_id:
+            await self._manager.check_owner(owner, strategy_id)
+        events = self._streams.events(kind, owner, strategy_id, after_event_id)
+        # aclosing: the subscription ends with the call, not whenever the generator is collected.
+        async with contextlib.aclosing(events):
+            async for _event_id, payload in events:
+                await self._write(context, payload)
 
     async def _write(self, context: Context, message: Any) -> None:
         """A subscriber whose flow-control window stays full for stall_s is cut off, so a
@@ -114,3 +118,62 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
                 f"stream consumer read nothing for {self._stall_s:g}s; "
                 "reconnect with after_event_id"
             ) from None
+
+
+def encode_runtime_event(event_id: str, fields: Flat) -> bytes:
+    runtime = runtime_to_proto(runtime_from_flat(fields))
+    return pb.RuntimeEvent(event_id=event_id, runtime=runtime).SerializeToString()
+
+
+def encode_order_event(event_id: str, fields: Flat) -> bytes:
+    order = order_to_proto(order_from_flat(fields))
+    return pb.OrderEvent(event_id=event_id, order=order).SerializeToString()
+
+
+ENCODERS: dict[StreamKind, Callable[[str, Flat], bytes]] = {
+    "runtime": encode_runtime_event,
+    "orders": encode_order_event,
+}
+_SERVICE = "algoplane.v1.StrategyService"
+_PRE_ENCODED = ("StreamRuntime", "StreamOrders")
+
+
+class _Capture:
+    """Stands in for the server while the generated code registers its handlers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+
+    def add_generic_rpc_handlers(self, _handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, _service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_to_server(servicer: StrategyServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, except that the two streams send bytes as they are:
+    each event is encoded once by the tenant's feed, not once per subscriber."""
+    capture = _Capture()
+    strategy_pb2_grpc.add_StrategyServiceServicer_to_server(servicer, capture)  # type: ignore[arg-type]
+    handlers = capture.handlers
+    for name in _PRE_ENCODED:
+        generated = handlers[name]
+        handlers[name] = grpc.unary_stream_rpc_method_handler(
+            generated.unary_stream,  # type: ignore[arg-type]
+            request_deserializer=generated.request_deserializer,
+            response_serializer=_pass_bytes(generated.response_serializer),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)  # type: ignore[attr-defined]
+
+
+def _pass_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    def serializer(message: Any) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        assert serialize is not None
+        return serialize(message)
+
+    return serializer

@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import secrets
+import time
 from decimal import Decimal
 from typing import Any, Protocol, cast
 
@@ -53,6 +54,9 @@ class PaperBroker:
     async def place_order(
         self, client_order_id: str, symbol: str, side: Side, quantity: int
     ) -> BrokerOrder:
+        # Wall clock at entry, before the simulated latency: benchmarks read it from the book
+        # to split "tick/timer -> broker call" from the broker's own time.
+        entered_ns = time.time_ns()
         await self._delay()
         if self._rng.random() < self._error_rate:
             raise AmbiguousBrokerError("paper broker: connection reset before the order")
@@ -71,7 +75,7 @@ class PaperBroker:
         )
         stored = await self._place(
             keys=[keys.PAPER_ORDERS, keys.PAPER_LOG],
-            args=[client_order_id, _encode(order, symbol, side, quantity)],
+            args=[client_order_id, _encode(order, symbol, side, quantity, entered_ns)],
         )
         if self._rng.random() < self._timeout_rate:
             raise AmbiguousBrokerError("paper broker: timed out after the order took effect")
@@ -87,7 +91,7 @@ class PaperBroker:
             await asyncio.sleep(self._latency)
 
 
-def _encode(order: BrokerOrder, symbol: str, side: Side, quantity: int) -> str:
+def _encode(order: BrokerOrder, symbol: str, side: Side, quantity: int, entered_ns: int) -> str:
     return json.dumps(
         {
             "client_order_id": order.client_order_id,
@@ -98,6 +102,7 @@ def _encode(order: BrokerOrder, symbol: str, side: Side, quantity: int) -> str:
             "symbol": symbol,
             "side": side.value,
             "quantity": quantity,
+            "entered_ns": entered_ns,
         }
     )
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -51,9 +52,12 @@ class _Pending:
 
     last: Decimal
     low: Decimal
+    # Wall clock (µs) of the batch's first tick: where tick-to-order latency starts.
+    received_us: int = 0
 
     def merge_older(self, older: _Pending) -> None:
         self.low = min(self.low, older.low)
+        self.received_us = older.received_us
 
 
 def backoff_delay(attempt: int, cap_s: float, rng: random.Random) -> float:
@@ -184,7 +188,7 @@ class MarketListener:
         self.stats["ticks"] += 1
         pending = self._pending.get(tick.symbol)
         if pending is None:
-            self._pending[tick.symbol] = _Pending(tick.price, tick.price)
+            self._pending[tick.symbol] = _Pending(tick.price, tick.price, time.time_ns() // 1000)
         else:
             pending.last = tick.price
             pending.low = min(pending.low, tick.price)
@@ -210,7 +214,10 @@ class MarketListener:
         """Writes and checks each symbol's batch side by side; returns the ones that failed."""
         symbols = list(batch)
         results = await asyncio.gather(
-            *(self._guard.on_price(s, batch[s].last, batch[s].low) for s in symbols),
+            *(
+                self._guard.on_price(s, batch[s].last, batch[s].low, batch[s].received_us)
+                for s in symbols
+            ),
             return_exceptions=True,
         )
         failed: dict[str, _Pending] = {}

@@ -21,6 +21,9 @@ from server.store import keys, scripts
 
 log = logging.getLogger(__name__)
 
+# The queues' short names, as metrics label them.
+QUEUE_NAMES = {keys.EXIT_QUEUE: "exits", keys.ORDER_QUEUE: "orders"}
+
 # A fired marker outlives the longest strategy (7 days of holding) with a margin.
 _FIRED_TTL_MS = 9 * 24 * 3600 * 1000
 
@@ -34,9 +37,12 @@ class OrderEvent:
     order_id: str
     due_at_us: int
     fired_at_us: int
+    # A STOPLOSS event: when the feed message that breached it arrived (wall clock), for the
+    # tick-to-order latency; 0 when no tick caused the event.
+    tick_at_us: int = 0
 
     def fields(self) -> dict[str, str]:
-        return {
+        fields = {
             "strategy_id": self.strategy_id,
             "tenant": self.tenant,
             "run": str(self.run),
@@ -45,6 +51,9 @@ class OrderEvent:
             "due_at": str(self.due_at_us),
             "fired_at": str(self.fired_at_us),
         }
+        if self.tick_at_us:
+            fields["tick_at"] = str(self.tick_at_us)
+        return fields
 
     @classmethod
     def parse(cls, fields: dict[str, str]) -> OrderEvent:
@@ -56,6 +65,7 @@ class OrderEvent:
             order_id=fields["order_id"],
             due_at_us=int(fields["due_at"]),
             fired_at_us=int(fields["fired_at"]),
+            tick_at_us=int(fields.get("tick_at", 0)),
         )
 
     @property
@@ -136,6 +146,26 @@ class OrderQueue:
             return True
         log.error("could not enqueue %s", event.order_id)
         return False
+
+    async def depths(self) -> dict[str, tuple[int, int]]:
+        """Per queue ("orders", "exits"): entries not yet acknowledged (acknowledging deletes
+        them), and how many of those a worker has taken."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream in QUEUE_NAMES:
+                pipe.xlen(stream)
+                pipe.xpending(stream, keys.ENGINE_GROUP)
+            replies = await pipe.execute(raise_on_error=False)
+        depths: dict[str, tuple[int, int]] = {}
+        for n, name in enumerate(QUEUE_NAMES.values()):
+            length, pending = replies[2 * n], replies[2 * n + 1]
+            if isinstance(length, Exception):
+                raise length
+            if isinstance(pending, ResponseError) and "NOGROUP" in str(pending):
+                pending = {"pending": 0}  # Redis lost its data; the engine recreates it
+            elif isinstance(pending, Exception):
+                raise pending
+            depths[name] = (int(length), int(pending["pending"]))
+        return depths
 
     async def take(self, block_ms: int) -> list[Delivery]:
         """Up to one new entry from each stream, exits first; waits up to block_ms."""

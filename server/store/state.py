@@ -139,9 +139,15 @@ class RedisState:
         return StreamBounds(last_id=last, trimmed_through=_trimmed_through(info, self._maxlen))
 
     async def read_events(
-        self, kind: StreamKind, tenant: str, after: StreamId, *, block_ms: int, count: int
+        self,
+        kind: StreamKind,
+        tenant: str,
+        after: StreamId,
+        *,
+        block_ms: int | None,
+        count: int,
     ) -> list[tuple[StreamId, Flat]]:
-        """Events after `after`, waiting up to block_ms for the first one."""
+        """Events after `after`, waiting up to block_ms for the first one (None: no wait)."""
         reply: list[tuple[str, list[tuple[str, Flat]]]] = await self._streams.xread(
             {keys.event_stream(kind, tenant): format_stream_id(after)},
             count=count,

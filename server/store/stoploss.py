@@ -64,6 +64,16 @@ class StopLossIndex:
     async def armed_count(self, symbol: str) -> int:
         return int(await self._redis.zcard(keys.stoploss_armed(symbol)))
 
+    async def armed_total(self, symbols: set[str] | frozenset[str]) -> int:
+        """Positions armed over all these symbols: one pipelined round trip."""
+        if not symbols:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for symbol in symbols:
+                pipe.zcard(keys.stoploss_armed(symbol))
+            counts = await pipe.execute()
+        return sum(int(count) for count in counts)
+
     async def armed_ids(self, symbol: str) -> list[str]:
         members = await self._redis.zrange(keys.stoploss_armed(symbol), 0, -1)
         return [str(m).split(":", 1)[1] for m in members]
