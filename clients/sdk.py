@@ -1,16 +1,67 @@
-"""AlgoplaneClient: the generated async stub with the bearer token attached to every call."""
+"""AlgoplaneClient: typed async methods for every RPC of `algoplane.v1.StrategyService`.
+
+Every call carries the bearer token and a deadline. Failures that repeating can fix
+(UNAVAILABLE, DEADLINE_EXCEEDED) are retried with backoff and jitter, and only for calls a
+repeat cannot apply twice; anything else (INVALID_ARGUMENT, NOT_FOUND, ...) reaches the
+caller at once as `grpc.aio.AioRpcError`. The stream helpers reconnect by themselves and
+resume after the last event they yielded, so a consumer sees every event once, in order,
+until it stops iterating.
+
+    async with AlgoplaneClient("127.0.0.1:50051", token) as client:
+        runtime = await client.start(spec=client.spec("SBIN", 5, buy, sell, "99.5"))
+        async for event in client.watch_runtime(runtime.strategy_id):
+            print(event.runtime.status)
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
 from datetime import datetime
 from types import TracebackType
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from clients.errors import StreamGapError
+from clients.retry import (
+    RETRYABLE,
+    Connection,
+    RetryEvent,
+    RetryHook,
+    RetryPolicy,
+    StateHook,
+    StreamState,
+    is_resumable,
+)
 from protos.algoplane.v1 import strategy_pb2 as pb
 from protos.algoplane.v1 import strategy_pb2_grpc
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class _Event(Protocol):
+    @property
+    def event_id(self) -> str: ...
+
+
+E = TypeVar("E", bound=_Event)
+
+# grpc's own reconnect backoff grows to 120 s by default, so a client could sit out a server
+# that came back long ago; ours bounds it near the SDK's own backoff.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+# A connection that stayed up this long counts as having worked: the next failure starts the
+# backoff afresh instead of continuing a previous outage's count.
+_HEALTHY_AFTER_S = 2.0
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -22,14 +73,34 @@ def timestamp(value: datetime) -> Timestamp:
     return stamp
 
 
-class AlgoplaneClient:
-    """Async client; use as `async with AlgoplaneClient(addr, token) as client: ...`."""
+def new_request_id() -> str:
+    return uuid.uuid4().hex
 
-    def __init__(self, target: str, token: str, *, timeout_s: float = 10.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+
+class AlgoplaneClient:
+    """Async client; use as `async with AlgoplaneClient(addr, token) as client: ...`.
+
+    `timeout_s` is the deadline of each attempt of a unary call; `retry` bounds the attempts
+    and the waits (streams use its backoff too, without a bound on attempts); `on_retry` is
+    told about every retry before its wait.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        timeout_s: float = 10.0,
+        retry: RetryPolicy | None = None,
+        on_retry: RetryHook | None = None,
+    ) -> None:
+        self.target = target
+        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = strategy_pb2_grpc.StrategyServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._timeout = timeout_s
+        self._retry = retry or RetryPolicy()
+        self._on_retry = on_retry
 
     async def __aenter__(self) -> AlgoplaneClient:
         return self
@@ -57,15 +128,59 @@ class AlgoplaneClient:
             stop_loss=stop_loss,
         )
 
+    # -- writes: each retried only because a repeat cannot act twice -----------------------
+
     async def create(self, spec: pb.StrategySpec, request_id: str = "") -> pb.Strategy:
-        request = pb.CreateStrategyRequest(spec=spec, request_id=request_id)
-        return await self._stub.CreateStrategy(
-            request, metadata=self._metadata, timeout=self._timeout
+        """Stores a strategy. Without a `request_id` one is generated, and every retry sends
+        the same one, so a retry after a lost reply returns the first result."""
+        request = pb.CreateStrategyRequest(spec=spec, request_id=request_id or new_request_id())
+        return await self._call(
+            self._stub.CreateStrategy, request, "CreateStrategy", request.request_id
         )
+
+    async def start(
+        self, *, strategy_id: str = "", spec: pb.StrategySpec | None = None, request_id: str = ""
+    ) -> pb.Runtime:
+        """Starts a stored strategy, or creates and starts one from `spec`; `request_id` as
+        for `create`."""
+        if bool(strategy_id) == (spec is not None):
+            raise ValueError("give exactly one of strategy_id and spec")
+        request_id = request_id or new_request_id()
+        request = (
+            pb.StartStrategyRequest(strategy_id=strategy_id, request_id=request_id)
+            if strategy_id
+            else pb.StartStrategyRequest(spec=spec, request_id=request_id)
+        )
+        return await self._call(self._stub.StartStrategy, request, "StartStrategy", request_id)
+
+    async def stop(self, strategy_id: str, *, keep_position: bool = False) -> pb.Runtime:
+        """Stops a strategy (exiting an open position unless `keep_position`).
+
+        Retried although it carries no request_id, because the server's Stop converges: it
+        runs under the strategy's lock, a STOPPED strategy is returned unchanged, and an exit
+        it queued is deduplicated by its deterministic client order id (a retry while that
+        exit is still queued enqueues the same id; once it ran, the position is closed)."""
+        request = pb.StopStrategyRequest(strategy_id=strategy_id, keep_position=keep_position)
+        return await self._call(self._stub.StopStrategy, request, "StopStrategy")
+
+    # -- reads ---------------------------------------------------------------------------
 
     async def get(self, strategy_id: str) -> pb.Strategy:
         request = pb.GetStrategyRequest(strategy_id=strategy_id)
-        return await self._stub.GetStrategy(request, metadata=self._metadata, timeout=self._timeout)
+        return await self._call(self._stub.GetStrategy, request, "GetStrategy")
+
+    async def list_page(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        status: pb.StrategyStatus.ValueType = pb.STRATEGY_STATUS_UNSPECIFIED,
+    ) -> pb.ListStrategiesResponse:
+        """One page of the caller's strategies (`page_size` 0 = the server's 50)."""
+        request = pb.ListStrategiesRequest(
+            page_size=page_size, page_token=page_token, status=status
+        )
+        return await self._call(self._stub.ListStrategies, request, "ListStrategies")
 
     async def list_all(
         self, status: pb.StrategyStatus.ValueType = pb.STRATEGY_STATUS_UNSPECIFIED
@@ -74,55 +189,143 @@ class AlgoplaneClient:
         found: list[pb.Strategy] = []
         token = ""
         while True:
-            request = pb.ListStrategiesRequest(page_size=500, page_token=token, status=status)
-            page = await self._stub.ListStrategies(
-                request, metadata=self._metadata, timeout=self._timeout
-            )
+            page = await self.list_page(page_size=500, page_token=token, status=status)
             found.extend(page.strategies)
             token = page.next_page_token
             if not token:
                 return found
 
-    async def start(
-        self, *, strategy_id: str = "", spec: pb.StrategySpec | None = None, request_id: str = ""
-    ) -> pb.Runtime:
-        if bool(strategy_id) == (spec is not None):
-            raise ValueError("give exactly one of strategy_id and spec")
-        request = (
-            pb.StartStrategyRequest(strategy_id=strategy_id, request_id=request_id)
-            if strategy_id
-            else pb.StartStrategyRequest(spec=spec, request_id=request_id)
-        )
-        return await self._stub.StartStrategy(
-            request, metadata=self._metadata, timeout=self._timeout
-        )
-
-    async def stop(self, strategy_id: str, *, keep_position: bool = False) -> pb.Runtime:
-        request = pb.StopStrategyRequest(strategy_id=strategy_id, keep_position=keep_position)
-        return await self._stub.StopStrategy(
-            request, metadata=self._metadata, timeout=self._timeout
-        )
-
     async def runtime(self, strategy_id: str) -> pb.Runtime:
         request = pb.GetRuntimeRequest(strategy_id=strategy_id)
-        return await self._stub.GetRuntime(request, metadata=self._metadata, timeout=self._timeout)
+        return await self._call(self._stub.GetRuntime, request, "GetRuntime")
 
     async def orders(self, strategy_id: str = "") -> list[pb.Order]:
+        """The order log of one strategy, or of all the caller's strategies."""
         request = pb.ListOrdersRequest(strategy_id=strategy_id)
-        reply = await self._stub.ListOrders(request, metadata=self._metadata, timeout=self._timeout)
+        reply = await self._call(self._stub.ListOrders, request, "ListOrders")
         return list(reply.orders)
 
-    async def watch_runtime(
-        self, strategy_id: str = "", after_event_id: str = ""
-    ) -> AsyncGenerator[pb.RuntimeEvent]:
-        """Runtime events; resumes after `after_event_id` when given."""
-        request = pb.StreamRuntimeRequest(strategy_id=strategy_id, after_event_id=after_event_id)
-        async for event in self._stub.StreamRuntime(request, metadata=self._metadata):
-            yield event
+    # -- streams -------------------------------------------------------------------------
 
-    async def watch_orders(
-        self, strategy_id: str = "", after_event_id: str = ""
+    def watch_runtime(
+        self,
+        strategy_id: str = "",
+        after_event_id: str = "",
+        *,
+        on_state: StateHook | None = None,
+    ) -> AsyncGenerator[pb.RuntimeEvent]:
+        """Runtime events of one strategy (empty: all of the caller's), from now or after
+        `after_event_id`, resuming by itself across disconnects and server restarts.
+        Raises StreamGapError when the server no longer keeps the events to resume from."""
+
+        def open_call(after: str) -> grpc.aio.UnaryStreamCall[Any, pb.RuntimeEvent]:
+            request = pb.StreamRuntimeRequest(strategy_id=strategy_id, after_event_id=after)
+            return self._stub.StreamRuntime(request, metadata=self._metadata)
+
+        return self._follow(open_call, after_event_id, on_state)
+
+    def watch_orders(
+        self,
+        strategy_id: str = "",
+        after_event_id: str = "",
+        *,
+        on_state: StateHook | None = None,
     ) -> AsyncGenerator[pb.OrderEvent]:
-        request = pb.StreamOrdersRequest(strategy_id=strategy_id, after_event_id=after_event_id)
-        async for event in self._stub.StreamOrders(request, metadata=self._metadata):
-            yield event
+        """Order events, with the same resuming as `watch_runtime`."""
+
+        def open_call(after: str) -> grpc.aio.UnaryStreamCall[Any, pb.OrderEvent]:
+            request = pb.StreamOrdersRequest(strategy_id=strategy_id, after_event_id=after)
+            return self._stub.StreamOrders(request, metadata=self._metadata)
+
+        return self._follow(open_call, after_event_id, on_state)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        name: str,
+        request_id: str = "",
+    ) -> Resp:
+        """One unary call with the token and a deadline per attempt; the same request object
+        (so the same request_id) goes out on every attempt."""
+        attempt = 1
+        while True:
+            try:
+                return await method(request, metadata=self._metadata, timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code not in RETRYABLE or attempt >= self._retry.attempts:
+                    raise
+                delay = self._retry.delay(attempt)
+                if self._on_retry is not None:
+                    details = exc.details() or ""
+                    self._on_retry(RetryEvent(name, attempt, code, details, delay, request_id))
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def _follow(
+        self,
+        open_call: Callable[[str], grpc.aio.UnaryStreamCall[Any, E]],
+        after_event_id: str,
+        on_state: StateHook | None,
+    ) -> AsyncGenerator[E]:
+        """Yields events; after a resumable failure waits, reopens after the last event_id
+        yielded and goes on. The server's resume is exact, so nothing needs deduplicating."""
+        report = on_state or (lambda _state: None)
+        last, attempt = after_event_id, 0
+        report(StreamState(Connection.CONNECTING))
+        while True:
+            call = open_call(last)
+            up = asyncio.create_task(
+                self._up(call, _connected(last, reconnect=attempt > 0), report)
+            )
+            try:
+                async for event in call:
+                    await up  # reported before the first event
+                    last = event.event_id
+                    yield event
+                error = "the server ended the stream"
+            except grpc.aio.AioRpcError as exc:
+                error = _failure(exc, last, report)
+            finally:
+                up.cancel()
+                call.cancel()
+            healthy = up.done() and not up.cancelled() and time.monotonic() - up.result() > (
+                _HEALTHY_AFTER_S
+            )  # fmt: skip
+            attempt = 1 if healthy else attempt + 1
+            report(StreamState(Connection.RECONNECTING, attempt=attempt, error=error))
+            await asyncio.sleep(self._retry.delay(attempt))
+
+    async def _up(
+        self, call: grpc.aio.UnaryStreamCall[Any, E], state: StreamState, report: StateHook
+    ) -> float:
+        """Reports the stream connected once the channel is; returns when that was. The server
+        sends nothing (not even headers) before its first event, so a quiet stream gives no
+        other sign that it is established."""
+        await self._channel.channel_ready()
+        if not call.done():
+            report(state)
+        return time.monotonic()
+
+
+def _connected(resumed_after: str, *, reconnect: bool) -> StreamState:
+    # Back without an event_id to resume from: the stream restarts at its end and whatever
+    # happened during the outage is not replayed; the caller is told so.
+    gap = reconnect and not resumed_after
+    return StreamState(Connection.CONNECTED, resumed_after=resumed_after, gap_possible=gap)
+
+
+def _failure(exc: grpc.aio.AioRpcError, last: str, report: StateHook) -> str:
+    """The error text of a resumable failure; raises for the others (after reporting)."""
+    code, details = exc.code(), exc.details() or ""
+    text = f"{code.name}: {details}"
+    if code is grpc.StatusCode.OUT_OF_RANGE:
+        report(StreamState(Connection.FAILED, error=text))
+        raise StreamGapError(last, details) from None
+    if not is_resumable(code, details):
+        report(StreamState(Connection.FAILED, error=text))
+        raise exc
+    return text

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
+import subprocess
 import sys
+import zipfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import grpc
 import pytest
+from redis.asyncio import Redis
 
+from clients import Connection, RetryEvent, RetryPolicy, StreamGapError, StreamState
 from clients.healthcheck import check
 from clients.sdk import AlgoplaneClient
 from protos.algoplane.v1 import strategy_pb2 as pb
-from tests.conftest import Harness
-from tests.support import token
+from tests.conftest import Harness, serving
+from tests.faults.proxy import FaultProxy
+from tests.support import (
+    RedisProcess,
+    auth,
+    blocked_stream_readers,
+    free_port,
+    spec,
+    token,
+)
 
 
 async def test_sdk_round_trip(server: Harness) -> None:
@@ -50,35 +64,150 @@ async def test_healthcheck_reports_serving(server: Harness) -> None:
     assert not await asyncio.to_thread(check, "127.0.0.1:1", 0.5)
 
 
-async def _cli(server: Harness, *args: str, token_: str | None = None) -> tuple[int, str, str]:
-    env = {**os.environ, "ALGOPLANE_TARGET": f"127.0.0.1:{server.port}"}
-    env["ALGOPLANE_TOKEN"] = token("cli-user") if token_ is None else token_
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "clients.cli", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+# -- retries, resume and packaging: against a real server that goes away and comes back ----
 
 
-async def test_cli_drives_the_api(server: Harness) -> None:
-    code, out, _ = await _cli(
-        server, "start", "--symbol", "SBIN", "--buy-in", "1h", "--stop-loss", "99.5"
+@asynccontextmanager
+async def restartable(
+    redis_proc: RedisProcess, data_dir: Path, port: int
+) -> AsyncIterator[Harness]:
+    """A server on a fixed port (so a client can find it again after a restart)."""
+    async with serving(redis_proc.url, data_dir, grpc_addr=f"127.0.0.1:{port}") as harness:
+        yield harness
+
+
+@pytest.fixture
+async def clean_redis(redis_proc: RedisProcess) -> RedisProcess:
+    flush = Redis.from_url(redis_proc.url)
+    await flush.flushall()
+    await flush.aclose()
+    return redis_proc
+
+
+FAST = RetryPolicy(attempts=30, initial_backoff_s=0.05, max_backoff_s=0.2)
+
+
+async def test_reads_retry_until_the_server_is_back_and_refusals_are_not_retried(
+    clean_redis: RedisProcess, tmp_path: Path
+) -> None:
+    port = free_port()
+    retries: list[RetryEvent] = []
+    async with restartable(clean_redis, tmp_path, port) as first:
+        sid = (await first.stub.CreateStrategy(
+            pb.CreateStrategyRequest(spec=spec()), metadata=auth("sdk-user")
+        )).id  # fmt: skip
+    client = AlgoplaneClient(
+        f"127.0.0.1:{port}", token("sdk-user"), timeout_s=1, retry=FAST, on_retry=retries.append
     )
-    assert code == 0
-    started = json.loads(out)
-    assert started["status"] == "STRATEGY_STATUS_SCHEDULED"
-    sid = started["strategyId"]
-    code, out, _ = await _cli(server, "get", sid)
-    assert json.loads(out)["spec"]["stopLoss"] == "99.5"
-    code, out, _ = await _cli(server, "list")
-    assert [json.loads(line)["id"] for line in out.splitlines()] == [sid]
-    code, out, _ = await _cli(server, "stop", sid)
-    assert json.loads(out)["status"] == "STRATEGY_STATUS_STOPPED"
-    code, out, err = await _cli(server, "get", sid, token_=token("someone-else"))
-    assert code == 1
-    assert err.startswith("algoplane: NOT_FOUND:")
-    code, _, err = await _cli(server, "list", token_="")
-    assert code == 2
-    assert "ALGOPLANE_TOKEN" in err
+    async with client:
+        pending = asyncio.ensure_future(client.get(sid))
+        await asyncio.sleep(0.6)
+        assert not pending.done()  # the server is away: retrying, not failed
+        async with restartable(clean_redis, tmp_path, port):
+            strategy = await asyncio.wait_for(pending, 10)
+            assert strategy.id == sid
+            assert retries and {r.code for r in retries} <= {
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
+            }  # fmt: skip
+            assert {(r.method, r.request_id) for r in retries} == {("GetStrategy", "")}
+            seen = len(retries)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.get("stg_000000000000" + "0" * 20)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+            assert len(retries) == seen  # NOT_FOUND is an answer, not a reason to retry
+
+
+async def test_a_lost_reply_is_retried_with_the_same_generated_request_id(server: Harness) -> None:
+    """The reply to the first Create never arrives in time (a slow link); the retry carries the
+    same request_id, so the server answers with the first result instead of a second strategy."""
+    proxy = FaultProxy("127.0.0.1", server.port)
+    port = await proxy.start()
+    retries: list[RetryEvent] = []
+
+    def heal(event: RetryEvent) -> None:
+        retries.append(event)
+        proxy.heal()
+
+    client = AlgoplaneClient(
+        f"127.0.0.1:{port}", token("sdk-user"), timeout_s=0.8, retry=FAST, on_retry=heal
+    )
+    try:
+        async with client:
+            await client.list_all()  # the connection is up before the link gets slow
+            proxy.latency(0.5)  # the request lands at 0.5 s, its reply would at ~1 s
+            created = await client.create(spec(symbol="INFY"))
+            listed = await client.list_all()
+    finally:
+        await proxy.stop()
+    assert [r.code for r in retries] == [grpc.StatusCode.DEADLINE_EXCEEDED]
+    request_id = retries[0].request_id
+    assert len(request_id) == 32 and retries[0].method == "CreateStrategy"
+    assert [s.id for s in listed] == [created.id]  # one strategy, not two
+    again = await server.stub.CreateStrategy(
+        pb.CreateStrategyRequest(spec=created.spec, request_id=request_id),
+        metadata=auth("sdk-user"),
+    )
+    assert again == created  # the server stored the first attempt under that very id
+
+
+async def test_streams_resume_across_a_restart_with_no_gap_and_no_duplicate(
+    clean_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """Events made while the watcher is cut off (through another server on the same Redis
+    and DB) arrive after it reconnects to the restarted server, once each and in order."""
+    port = free_port()
+    states: list[StreamState] = []
+    client = AlgoplaneClient(f"127.0.0.1:{port}", token("sdk-user"), retry=FAST)
+    async with client:
+        events = client.watch_runtime(on_state=states.append)
+        async with restartable(clean_redis, tmp_path, port) as first:
+            nxt = asyncio.ensure_future(anext(events))
+            await blocked_stream_readers(first.redis, 1)
+            a = await client.start(spec=spec(symbol="SBIN"))
+            got = [await asyncio.wait_for(nxt, 5)]
+            nxt = asyncio.ensure_future(anext(events))
+        # Down: the watcher retries while changes happen through a second server.
+        async with serving(clean_redis.url, tmp_path) as other:
+            md = auth("sdk-user")
+            b = await other.stub.StartStrategy(pb.StartStrategyRequest(spec=spec()), metadata=md)
+            s = await other.stub.StopStrategy(
+                pb.StopStrategyRequest(strategy_id=a.strategy_id), metadata=md
+            )
+        assert not nxt.done()
+        assert any(st.connection is Connection.RECONNECTING for st in states)
+        async with restartable(clean_redis, tmp_path, port):
+            got.append(await asyncio.wait_for(nxt, 15))
+            got.append(await asyncio.wait_for(anext(events), 5))
+            c = await client.stop(b.strategy_id)
+            got.append(await asyncio.wait_for(anext(events), 5))
+        await events.aclose()
+    assert [e.runtime for e in got] == [a, b, s, c]
+    assert len({e.event_id for e in got}) == 4
+    resumed = [st for st in states if st.connection is Connection.CONNECTED]
+    assert resumed[0].resumed_after == "" and not resumed[0].gap_possible
+    assert resumed[-1].resumed_after == got[0].event_id and not resumed[-1].gap_possible
+
+
+async def test_a_position_the_stream_no_longer_keeps_is_a_gap_error(server: Harness) -> None:
+    states: list[StreamState] = []
+    async with AlgoplaneClient(f"127.0.0.1:{server.port}", token("sdk-user")) as client:
+        with pytest.raises(StreamGapError, match="ahead of the stream"):
+            await anext(
+                client.watch_orders(after_event_id="99999999999999-0", on_state=states.append)
+            )
+    assert states[-1].connection is Connection.FAILED
+    assert states[-1].error.startswith("OUT_OF_RANGE: ")
+
+
+def test_the_wheel_ships_the_generated_stubs(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(root)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    [wheel] = tmp_path.glob("algoplane-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for stub in ("strategy_pb2.py", "strategy_pb2.pyi", "strategy_pb2_grpc.py", "strategy.proto"):
+        assert f"protos/algoplane/v1/{stub}" in names
+    assert {"clients/sdk.py", "clients/cli.py", "clients/py.typed"} <= names
