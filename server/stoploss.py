@@ -34,8 +34,8 @@ class StopLossGuard:
         """Arms a fresh position, then checks the last price: a tick that breached the
         stop-loss while the BUY was in flight exits it at once."""
         spec = strategy.spec
-        await self._index.arm(spec.symbol, strategy.id, spec.stop_loss)
-        await self.hand_over(spec.symbol, await self._index.recheck(spec.symbol))
+        fired = await self._index.arm_and_recheck(spec.symbol, strategy.id, spec.stop_loss)
+        await self.hand_over(spec.symbol, fired)
 
     async def disarm(self, strategy: Strategy) -> None:
         await self._index.disarm(strategy.spec.symbol, strategy.id, strategy.spec.stop_loss)

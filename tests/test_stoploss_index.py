@@ -81,3 +81,16 @@ async def test_a_batch_stores_its_last_price_and_fires_what_its_lowest_breached(
     assert await redis.get("price:{SBIN}") == "100.5"
     assert await redis.hget("symbol:{SBIN}:stoploss:fired", "dip") == "96.5"
     assert await index.armed_ids("SBIN") == ["under"]
+
+
+async def test_arm_and_recheck_fires_at_once_when_the_stored_price_is_already_below(
+    redis: Redis,
+) -> None:
+    index = StopLossIndex(redis=redis)
+    assert await index.arm_and_recheck("SBIN", "early", Decimal("95")) == []  # no price yet
+    await index.tick("SBIN", Decimal("99"))
+    assert await index.arm_and_recheck("SBIN", "above", Decimal("98")) == []
+    assert await index.armed_ids("SBIN") == ["early", "above"]
+    assert await index.arm_and_recheck("SBIN", "breached", Decimal("99.5")) == ["breached"]
+    assert await index.armed_ids("SBIN") == ["early", "above"]
+    assert await index.fired("SBIN") == ["breached"]

@@ -24,6 +24,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -44,6 +45,7 @@ from server.domain import (
 )
 from server.errors import strategy_not_found
 from server.store.codec import from_micros, runtime_to_flat, to_micros
+from server.store.sqlite_writer import SqliteWriter
 
 _MAX_CONFLICT_RETRIES = 8
 _SCHEMA_ATTEMPTS = 5
@@ -141,6 +143,12 @@ class Database:
         # SQLite has one writer at a time; serialising our own writes avoids SQLITE_BUSY
         # on lock upgrades. PostgreSQL takes concurrent writers.
         self._write_lock = asyncio.Lock() if self._sqlite else None
+        path = make_url(url).database if self._sqlite else None
+        self._hot_writer = (
+            SqliteWriter(path, strategies=StrategyRow.__tablename__, orders=OrderRow.__tablename__)
+            if path and path != ":memory:"
+            else None
+        )
 
     @property
     def engine(self) -> AsyncEngine:
@@ -164,6 +172,8 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        if self._hot_writer is not None:
+            await self._hot_writer.close()
         await self._engine.dispose()
 
     @asynccontextmanager
@@ -273,11 +283,25 @@ class Database:
         self, strategy_id: str, order_id: str
     ) -> tuple[tuple[Strategy, Runtime] | None, Order | None]:
         """find() and get_order() in one session: the engine needs both for every event."""
+        if self._hot_writer is not None:
+            values, order_values = await self._hot_writer.find(strategy_id, order_id)
+            if values is None:
+                return None, None
+            hot = StrategyRow.model_construct(**values)
+            hot_order = OrderRow.model_construct(**order_values) if order_values else None
+            return (_strategy(hot), _runtime(hot)), (_order(hot_order) if hot_order else None)
         async with AsyncSession(self._engine) as session:
             row = await session.get(StrategyRow, strategy_id)
             order = await session.get(OrderRow, order_id) if row is not None else None
         found = (_strategy(row), _runtime(row)) if row is not None else None
         return found, (_order(order) if order is not None else None)
+
+    async def list_changed_since(self, since_us: int) -> list[tuple[Strategy, Runtime]]:
+        """Every strategy whose runtime changed at or after `since_us`, live or not."""
+        query = select(StrategyRow).where(col(StrategyRow.updated_at) >= since_us)
+        async with AsyncSession(self._engine) as session:
+            rows = (await session.exec(query)).all()
+        return [(_strategy(row), _runtime(row)) for row in rows]
 
     async def get_order(self, order_id: str) -> Order | None:
         async with AsyncSession(self._engine) as session:
@@ -305,6 +329,13 @@ class Database:
     async def save(self, runtime: Runtime | None, orders: list[tuple[Order, int]]) -> bool:
         """Commits orders (upserted by client order id) and the runtime together. The runtime
         is written only over the version just before it; False (nothing written) otherwise."""
+        if self._hot_writer is not None:
+            return await self._hot_writer.save(
+                runtime.strategy_id if runtime is not None else "",
+                runtime.version if runtime is not None else None,
+                _runtime_values(runtime) if runtime is not None else None,
+                [_order_values(order, run) for order, run in orders],
+            )
         async with self._writing_core() as conn:
             if runtime is not None:
                 result = await conn.execute(

@@ -93,6 +93,10 @@ return redis.call('HGET', KEYS[1], ARGV[1])
 # ARGV[1] the new price as a plain decimal string ('' = use the stored one)
 # Returns the ids of the strategies that fired.
 STOPLOSS_TRIGGER = """
+-- ARGV[3], ARGV[4], when given: a member and score to arm first (arm and recheck in one step).
+if ARGV[3] and ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+end
 local price = ARGV[1]
 if price == '' then
   price = redis.call('GET', KEYS[1])

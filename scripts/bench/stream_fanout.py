@@ -1,0 +1,291 @@
+"""Benchmark 4: stream fan-out, StreamRuntime subscribers over many tenants.
+
+The real server (subprocess) and real Redis. `subscribers` StreamRuntime calls spread over
+`tenants` tenants (10 dashboards each by default) run in `procs` subscriber processes, so the
+clients' decoding does not share one interpreter with the load. Events are appended to the
+tenants' runtime streams exactly as the server's publisher appends them (same key, same
+fields, server.store), from this process: the control path cannot produce 1,000 state changes
+a second on two cores, and what is measured here is the path from the stream to the
+dashboards. Each event carries its creation time (`updated_at`, µs); a subscriber's lag is
+its receive time minus that.
+
+Steady: `rate` events/s in all for `seconds`; lag p50/p99 over every delivery, deliveries/s,
+the server's CPU, and whether every subscriber got every event. Then the rate is raised
+until p99 passes 100 ms: the last rate below is the saturation point.
+
+    .venv/bin/python -m scripts.bench.stream_fanout [--rate 1000] [--subscribers 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import grpc
+
+from protos.algoplane.v1 import strategy_pb2 as pb
+from scripts.bench.harness import (
+    JWT_SECRET,
+    ROOT,
+    ProcessMeter,
+    Report,
+    aio_stub,
+    at_least,
+    at_most,
+    machine,
+    percentile,
+    print_report,
+    redis_server,
+    server_process,
+)
+from server.api.auth import mint_token
+from server.domain import Position, Runtime, StrategyStatus
+from server.store.codec import runtime_to_flat
+from server.store.state import RedisState, connect
+
+
+def _tenant(n: int) -> str:
+    return f"fan-{n:03d}"
+
+
+# ----------------------------------------------------------------------------- subscribers
+
+
+async def _subscribe(addr: str, tenants: list[str], per_tenant: int, expect: int) -> None:
+    """Child process: per_tenant streams per tenant; prints 'ready', then one JSON line with
+    every lag (ms) and the per-stream counts once each stream got `expect` events (or the
+    parent closes stdin)."""
+    channel = grpc.aio.insecure_channel(addr)
+    stub = aio_stub(channel)
+    lags: list[float] = []
+    counts: list[int] = []
+
+    async def one(tenant: str) -> None:
+        token = mint_token(JWT_SECRET, tenant, _ttl(), datetime.now(UTC))
+        call = stub.StreamRuntime(
+            pb.StreamRuntimeRequest(), metadata=(("authorization", f"Bearer {token}"),)
+        )
+        got = 0
+        index = len(counts)
+        counts.append(0)
+        async for event in call:
+            now_us = time.time_ns() // 1000
+            sent_us = event.runtime.updated_at.ToMicroseconds()
+            lags.append((now_us - sent_us) / 1000)
+            got += 1
+            counts[index] = got
+            if got >= expect:
+                call.cancel()
+                return
+
+    tasks = [asyncio.create_task(one(t)) for t in tenants for _ in range(per_tenant)]
+    await asyncio.sleep(1.0)  # the calls reach the server and fix their positions
+    print("ready", flush=True)
+    stop = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(None, sys.stdin.read))
+    await asyncio.wait(
+        {stop, asyncio.gather(*tasks, return_exceptions=True)}, return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in tasks:
+        task.cancel()
+    print(json.dumps({"lags": lags, "counts": counts}), flush=True)
+    await channel.close(None)
+    sys.exit(0)
+
+
+def _ttl() -> timedelta:
+    return timedelta(hours=1)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+async def _publish(state: RedisState, tenants: int, rate: int, seconds: float) -> int:
+    """`rate` runtime events/s over all tenants, round robin, in 1 ms slices."""
+    total = int(rate * seconds)
+    began = time.perf_counter()
+    sent = 0
+    version = 0
+    while sent < total:
+        target = min(total, int((time.perf_counter() - began) * rate) + 1)
+        while sent < target:
+            version += 1
+            tenant = _tenant(sent % tenants)
+            runtime = Runtime(
+                strategy_id=f"s-{tenant}-{sent % 4}",
+                tenant=tenant,
+                symbol="FAN",
+                status=StrategyStatus.RUNNING,
+                position=Position.BOUGHT,
+                version=version,
+                run=1,
+                updated_at=datetime.now(UTC),
+            )
+            await state.append_event("runtime", tenant, runtime_to_flat(runtime))
+            sent += 1
+        await asyncio.sleep(0.001)
+    return sent
+
+
+async def _round(
+    addr: str,
+    redis_url: str,
+    pid: int,
+    tenants: int,
+    per_tenant: int,
+    procs: int,
+    rate: int,
+    seconds: float,
+) -> dict[str, float]:
+    per_proc = [list(range(p, tenants, procs)) for p in range(procs)]
+    expect = int(rate * seconds) // tenants
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "scripts.bench.stream_fanout",
+            "--child",
+            addr,
+            ",".join(_tenant(n) for n in group),
+            str(per_tenant),
+            str(expect),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+        )
+        for group in per_proc
+    ]
+    for child in children:
+        assert child.stdout is not None
+        line = await child.stdout.readline()
+        if line.strip() != b"ready":
+            raise RuntimeError(f"a subscriber process did not start: {line!r}")
+    redis = connect(redis_url, timeout_s=10)
+    state = RedisState(client=redis, stream_client=redis, stream_maxlen=100_000)
+    meter = ProcessMeter(pid)
+    meter.reset()
+    began = time.perf_counter()
+    sent = await _publish(state, tenants, rate, seconds)
+    cpu = meter.cpu_share()
+    results = []
+    for child in children:
+        try:
+            out, _ = await asyncio.wait_for(child.communicate(b""), timeout=30)
+        except TimeoutError:
+            child.kill()
+            out, _ = await child.communicate()
+        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    elapsed = time.perf_counter() - began
+    await redis.aclose()
+    lags = [lag for r in results for lag in r["lags"]]
+    counts = [c for r in results for c in r["counts"]]
+    return {
+        "sent": sent,
+        "deliveries": len(lags),
+        "expected": sent * per_tenant,
+        "p50": percentile(lags, 50),
+        "p99": percentile(lags, 99),
+        "rate": len(lags) / elapsed,
+        "cpu": cpu,
+        "short": sum(c < expect for c in counts),
+    }
+
+
+async def run(
+    *,
+    quick: bool = False,
+    subscribers: int = 500,
+    tenants: int = 50,
+    rate: int = 1000,
+    seconds: float = 5.0,
+    procs: int = 2,
+    runs: int = 3,
+) -> Report:
+    if quick:
+        subscribers, tenants, rate, seconds, runs = 40, 4, 200, 2.0, 1
+    per_tenant = subscribers // tenants
+    report = Report(
+        "stream_fanout",
+        "Stream fan-out: StreamRuntime subscribers over tenants",
+        params={"subscribers": subscribers, "tenants": tenants, "rate": rate, "runs": runs},
+    )
+    p50s: list[float] = []
+    p99s: list[float] = []
+    cpus: list[float] = []
+    delivered: list[float] = []
+    short = 0
+    saturation: list[float] = []
+    async with redis_server() as redis_proc, server_process(redis_proc.url) as server:
+        args = (server.addr, redis_proc.url, server.pid, tenants, per_tenant, procs)
+        for _ in range(runs):
+            steady = await _round(*args, rate, seconds)
+            p50s.append(steady["p50"])
+            p99s.append(steady["p99"])
+            cpus.append(steady["cpu"])
+            delivered.append(steady["rate"])
+            short += int(steady["short"])
+        best = 0.0
+        for step in (1, 2, 3, 4, 6, 8) if not quick else (1, 2):
+            found = await _round(*args, rate * step, seconds)
+            report.note(
+                f"{rate * step:,} events/s: {found['rate']:,.0f} deliveries/s, "
+                f"p50 {found['p50']:.1f} ms, p99 {found['p99']:.1f} ms, "
+                f"server CPU {found['cpu']:.2f} cores, short streams {int(found['short'])}"
+            )
+            if found["p99"] > 100 or found["short"]:
+                break
+            best = found["rate"]
+        saturation.append(best)
+    report.add_runs("delivery lag p50", p50s, "ms")
+    report.add_runs("delivery lag p99", p99s, "ms", target=at_most(50))
+    report.add_runs("deliveries/s", delivered, "/s")
+    report.add_runs("server CPU (cores)", cpus, "")
+    report.add("subscribers that missed events (all runs)", short, "", target=at_most(0))
+    report.add(
+        "saturation: deliveries/s with p99 <= 100 ms",
+        saturation[0],
+        "/s",
+        target=at_least(20_000),
+    )
+    report.note(
+        f"{procs} subscriber processes; events appended to the tenants' streams as the "
+        "publisher does; lag = receive wall clock - event's updated_at"
+    )
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child", nargs=4, metavar=("ADDR", "TENANTS", "PER", "EXPECT"))
+    parser.add_argument("--subscribers", type=int, default=500)
+    parser.add_argument("--tenants", type=int, default=50)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        addr, names, per, expect = args.child
+        asyncio.run(_subscribe(addr, names.split(","), int(per), int(expect)))
+        return
+    print("\n".join(machine().lines()))
+    report = asyncio.run(
+        run(
+            quick=args.quick,
+            subscribers=args.subscribers,
+            tenants=args.tenants,
+            rate=args.rate,
+            seconds=args.seconds,
+            procs=args.procs,
+            runs=args.runs,
+        )
+    )
+    print_report(report)
+
+
+if __name__ == "__main__":
+    main()
