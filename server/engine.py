@@ -342,7 +342,7 @@ class ExecutionEngine:
         # The intent and the first attempt in one commit: the broker call follows at once.
         order = replace(_new_order(event, strategy, OrderStatus.SUBMITTED, now), attempts=1)
         submitted = order_submitted(runtime, event.intent, order.id, now)
-        await self._commit(submitted, [order], event.run)
+        await self._save(submitted, [order], event.run)  # published beside the broker call
         return order, submitted
 
     async def _send(
@@ -355,9 +355,18 @@ class ExecutionEngine:
         intent_committed: bool = False,
     ) -> None:
         side = Side.BUY if event.intent is Intent.BUY else Side.SELL
-        reply, order, error = await self._place(
-            order, strategy.spec.symbol, side, event.run, event.tick_at_us, intent_committed
+        # A committed intent is published while the broker works rather than before it: the
+        # order reaches the broker sooner, and the reply is published only after this.
+        publishing = (
+            asyncio.ensure_future(self._publish_all(runtime, [order])) if intent_committed else None
         )
+        try:
+            reply, order, error = await self._place(
+                order, strategy.spec.symbol, side, event.run, event.tick_at_us, publishing
+            )
+        finally:
+            if publishing is not None:
+                await publishing
         now = self._clock.now()
         if reply is _UNKNOWN:  # the last attempt's fate is unknown: the reconciler settles it
             await self._leave_unknown(order, event.run, f"outcome unknown: {error}")
@@ -406,17 +415,19 @@ class ExecutionEngine:
         side: Side,
         run: int,
         tick_at_us: int = 0,
-        first_committed: bool = False,
+        publishing: asyncio.Future[None] | None = None,
     ) -> tuple[BrokerOrder | object | None, Order, str]:
         """At most broker_attempts placements, all with the same client order id; after an
         ambiguous failure the broker is asked first, so a timeout never becomes two orders.
-        Every attempt is committed before its call (`first_committed`: the caller did it for
-        the first, with the intent).
+        Every attempt is committed before its call (`publishing`: the caller committed the
+        first with the intent and is publishing it; later attempts are published after it).
         Returns the broker's order, None (it surely has none), or _UNKNOWN."""
         error = ""
         found: BrokerOrder | object | None = None
         for attempt in range(self._config.broker_attempts):
-            if attempt > 0 or not first_committed:
+            if publishing is not None and attempt > 0:
+                await publishing
+            if attempt > 0 or publishing is None:
                 order = replace(
                     order,
                     status=OrderStatus.SUBMITTED,
@@ -481,6 +492,10 @@ class ExecutionEngine:
 
     async def _commit(self, runtime: Runtime | None, orders: list[Order], run: int) -> None:
         """DB first (runtime and orders in one transaction), then Redis and the streams."""
+        await self._save(runtime, orders, run)
+        await self._publish_all(runtime, orders)
+
+    async def _save(self, runtime: Runtime | None, orders: list[Order], run: int) -> None:
         if not await self._db.save(runtime, [(order, run) for order in orders]):
             raise RuntimeError("runtime changed under the strategy lock (lock lost?)")
         # Counted once committed: a retry after a failed publish finds the order final in the
@@ -491,6 +506,8 @@ class ExecutionEngine:
             ids["order_id"] = order.id  # also when recovery settles it (no event bound)
             why = f": {order.error}" if order.error else ""
             log.info("order %s %s%s", order.id, order.status.value, why, extra=ids)
+
+    async def _publish_all(self, runtime: Runtime | None, orders: list[Order]) -> None:
         for order in orders:
             await self._publish.order(order)
         if runtime is not None:

@@ -9,6 +9,7 @@ looping. Lists would need a processing list per worker and a hand-written reaper
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, cast
@@ -103,14 +104,15 @@ class OrderQueue:
         return str(entry) if entry else None
 
     async def enqueue_all(
-        self, events: list[OrderEvent], *, chunk: int = 256, attempts: int = 20
+        self, events: list[OrderEvent], *, chunk: int = 256, first: int = 16, attempts: int = 20
     ) -> list[bool]:
-        """Many events (a burst of timers due at one instant), `chunk` per round trip; like
-        enqueue_retrying, per event. Chunks keep the first events moving to the engine while
-        the rest are still being sent."""
+        """Many events (a burst of timers due at one instant), `chunk` per round trip after a
+        small `first` one; like enqueue_retrying, per event. Chunks keep the first events
+        moving to the engine while the rest are still being sent."""
         done = [False] * len(events)
-        for start in range(0, len(events), chunk):
-            part = range(start, min(start + chunk, len(events)))
+        bounds = [0, *range(min(first, len(events)), len(events), chunk), len(events)]
+        for start, end in itertools.pairwise(bounds):
+            part = range(start, end)
             for attempt in range(attempts):
                 todo = [n for n in part if not done[n]]
                 if not todo:
