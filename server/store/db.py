@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -197,6 +198,13 @@ class Database:
             yield conn
 
     async def get_response(self, tenant: str, request_id: str) -> StoredResponse | None:
+        if self._hot_writer is not None:
+            found = await self._hot_writer.fetch_one(
+                IdempotencyRow.__tablename__, {"tenant": tenant, "request_id": request_id}
+            )
+            if found is None:
+                return None
+            return StoredResponse(found["fingerprint"], json.loads(found["response"]))
         async with AsyncSession(self._engine) as session:
             row = await session.get(IdempotencyRow, (tenant, request_id))
             if row is None:
@@ -212,6 +220,16 @@ class Database:
     ) -> None:
         """Inserts a new strategy and, atomically with it, the response to replay.
         Raises IdempotencyConflict when the request_id was taken meanwhile."""
+        if self._hot_writer is not None:
+            rows = [(StrategyRow.__tablename__, _to_row(strategy, runtime).model_dump())]
+            if idempotency is not None:
+                idem = _idem_row(strategy.tenant, idempotency, response, runtime)
+                rows.append((IdempotencyRow.__tablename__, idem.model_dump()))
+            try:
+                await self._hot_writer.insert(rows)
+            except sqlite3.IntegrityError:
+                raise IdempotencyConflict() from None
+            return
         async with self._writing() as session:
             session.add(_to_row(strategy, runtime))
             if idempotency is not None:

@@ -60,6 +60,15 @@ class SqliteWriter:
         """The strategy's row and the order's row (None when absent), as column dicts."""
         return await self._call(partial(self._find, strategy_id, order_id))
 
+    async def insert(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
+        """(table, column values) rows in one transaction; sqlite3.IntegrityError when a key
+        is taken (nothing written)."""
+        await self._call(partial(self._insert, rows))
+
+    async def fetch_one(self, table: str, where: dict[str, Any]) -> dict[str, Any] | None:
+        """The row matching every column = value in `where`, as a dict."""
+        return await self._call(partial(self._fetch_one, table, where))
+
     async def close(self) -> None:
         await self._call(self._close)
         self._thread.shutdown(wait=True)
@@ -152,6 +161,24 @@ class SqliteWriter:
         order = conn.execute(f'SELECT * FROM "{self._orders}" WHERE id = ?', (order_id,)).fetchone()
         return dict(strategy), (dict(order) if order is not None else None)
 
+    def _insert(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table, values in rows:
+                conn.execute(_insert_sql(table, tuple(values)), values)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _fetch_one(self, table: str, where: dict[str, Any]) -> dict[str, Any] | None:
+        condition = " AND ".join(f'"{c}" = :{c}' for c in where)
+        row = self._connection().execute(f'SELECT * FROM "{table}" WHERE {condition}', where)
+        found = row.fetchone()
+        return dict(found) if found is not None else None
+
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -162,6 +189,13 @@ class SqliteWriter:
 def _update_sql(table: str, columns: tuple[str, ...]) -> str:
     assignments = ", ".join(f'"{c}" = :{c}' for c in columns)
     return f'UPDATE "{table}" SET {assignments} WHERE id = :_id AND version = :_previous'
+
+
+@cache
+def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    names = ", ".join(f'"{c}"' for c in columns)
+    values = ", ".join(f":{c}" for c in columns)
+    return f'INSERT INTO "{table}" ({names}) VALUES ({values})'
 
 
 @cache
