@@ -266,6 +266,10 @@ class Database:
         """Applies `change` to the stored runtime with optimistic concurrency (a version
         check), storing the idempotent response in the same transaction.
         Returns (strategy, runtime, changed); domain errors from `change` propagate."""
+        if self._hot_writer is not None:
+            return await self._transition_hot(
+                self._hot_writer, tenant, strategy_id, change, idempotency
+            )
         for _ in range(_MAX_CONFLICT_RETRIES):
             async with self._writing() as session:
                 row = await session.get(StrategyRow, strategy_id)
@@ -280,6 +284,39 @@ class Database:
                 if idempotency is not None:
                     session.add(_idem_row(tenant, idempotency, {}, updated))
                 await _commit(session)
+                return _with_status(strategy, updated), updated, True
+        raise RuntimeError(f"strategy {strategy_id}: too many concurrent updates")
+
+    async def _transition_hot(
+        self,
+        writer: SqliteWriter,
+        tenant: str,
+        strategy_id: str,
+        change: Transition,
+        idempotency: IdempotencyKey | None,
+    ) -> tuple[Strategy, Runtime, bool]:
+        """transition() on SQLite: a read and a version-checked write, one hop each, with no
+        lock held between them (the version check is the concurrency control)."""
+        for _ in range(_MAX_CONFLICT_RETRIES):
+            values = await writer.fetch_one(StrategyRow.__tablename__, {"id": strategy_id})
+            if values is None or values["tenant"] != tenant:
+                raise strategy_not_found(strategy_id)
+            row = StrategyRow.model_construct(**values)
+            strategy, current = _strategy(row), _runtime(row)
+            updated = change(strategy, current)
+            if updated == current:
+                return strategy, current, False
+            inserts = []
+            if idempotency is not None:
+                idem = _idem_row(tenant, idempotency, {}, updated)
+                inserts.append((IdempotencyRow.__tablename__, idem.model_dump()))
+            try:
+                saved = await writer.save(
+                    strategy_id, current.version, _runtime_values(updated), [], inserts
+                )
+            except sqlite3.IntegrityError:
+                raise IdempotencyConflict() from None
+            if saved:
                 return _with_status(strategy, updated), updated, True
         raise RuntimeError(f"strategy {strategy_id}: too many concurrent updates")
 
@@ -350,7 +387,7 @@ class Database:
         if self._hot_writer is not None:
             return await self._hot_writer.save(
                 runtime.strategy_id if runtime is not None else "",
-                runtime.version if runtime is not None else None,
+                runtime.version - 1 if runtime is not None else None,
                 _runtime_values(runtime) if runtime is not None else None,
                 [_order_values(order, run) for order, run in orders],
             )

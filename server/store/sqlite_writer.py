@@ -46,13 +46,16 @@ class SqliteWriter:
     async def save(
         self,
         strategy_id: str,
-        version: int | None,
+        previous: int | None,
         runtime: dict[str, Any] | None,
         orders: list[dict[str, Any]],
+        inserts: list[tuple[str, dict[str, Any]]] | None = None,
     ) -> bool:
-        """The runtime (only over `version - 1`) and the orders in one transaction; False,
-        and nothing written, when the stored version is not the one before."""
-        return await self._call(partial(self._save, strategy_id, version, runtime, orders))
+        """The runtime (only over stored version `previous`), the orders (upserted) and any
+        other rows (inserted) in one transaction; False, and nothing written, when the stored
+        version is not `previous`. sqlite3.IntegrityError when an inserted key is taken."""
+        job = partial(self._save, strategy_id, previous, runtime, orders, inserts or [])
+        return await self._call(job)
 
     async def find(
         self, strategy_id: str, order_id: str
@@ -126,22 +129,25 @@ class SqliteWriter:
     def _save(
         self,
         strategy_id: str,
-        version: int | None,
+        previous: int | None,
         runtime: dict[str, Any] | None,
         orders: list[dict[str, Any]],
+        inserts: list[tuple[str, dict[str, Any]]],
     ) -> bool:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if runtime is not None and version is not None:
+            if runtime is not None and previous is not None:
                 columns = tuple(runtime)
-                params = {**runtime, "_id": strategy_id, "_previous": version - 1}
+                params = {**runtime, "_id": strategy_id, "_previous": previous}
                 cursor = conn.execute(_update_sql(self._strategies, columns), params)
                 if cursor.rowcount != 1:
                     conn.execute("ROLLBACK")
                     return False
             for values in orders:
                 conn.execute(_upsert_sql(self._orders, tuple(values)), values)
+            for table, values in inserts:
+                conn.execute(_insert_sql(table, tuple(values)), values)
             conn.execute("COMMIT")
             return True
         except BaseException:
