@@ -254,7 +254,9 @@ async def _one_size(
 async def _max_held(feed: TickFeed, redis: Redis, quick: bool) -> float:
     """The highest of the tried rates the server held."""
     best = 0.0
-    for rate in (2_000, 5_000) if quick else (5_000, 10_000, 20_000, 30_000, 40_000, 60_000):
+    for rate in (
+        (2_000, 5_000) if quick else (5_000, 10_000, 20_000, 40_000, 60_000, 80_000, 100_000)
+    ):
         ok, achieved = await _held(feed, redis, rate, 1.0 if quick else 2.0)
         if not ok:
             break
