@@ -47,6 +47,8 @@ from server.domain import Position, Runtime, StrategyStatus
 from server.store.codec import runtime_to_flat
 from server.store.state import RedisState, connect
 
+DRAIN_S = 10.0
+
 
 def _tenant(n: int) -> str:
     return f"fan-{n:03d}"
@@ -155,6 +157,7 @@ async def _round(
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=ROOT,
+            limit=256 * 1024 * 1024,  # the report is one JSON line with every lag
         )
         for group in per_proc
     ]
@@ -171,14 +174,21 @@ async def _round(
     sent = await _publish(state, tenants, rate, seconds)
     cpu = meter.cpu_share()
     results = []
-    for child in children:
-        try:
-            out, _ = await asyncio.wait_for(child.communicate(b""), timeout=30)
-        except TimeoutError:
-            child.kill()
-            out, _ = await child.communicate()
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
     elapsed = time.perf_counter() - began
+    for child in children:
+        assert child.stdout is not None and child.stdin is not None
+        # A child reports by itself once every stream got every event; one still short
+        # after DRAIN_S is told to report what it has (stdin closed): those streams count
+        # as having missed events.
+        try:
+            line = await asyncio.wait_for(child.stdout.readline(), timeout=DRAIN_S)
+        except TimeoutError:
+            child.stdin.close()
+            line = await asyncio.wait_for(child.stdout.readline(), timeout=30)
+        if not child.stdin.is_closing():
+            child.stdin.close()
+        await child.wait()
+        results.append(json.loads(line.decode()))
     await redis.aclose()
     lags = [lag for r in results for lag in r["lags"]]
     counts = [c for r in results for c in r["counts"]]
