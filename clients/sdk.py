@@ -62,6 +62,8 @@ _CHANNEL_OPTIONS = [
 # A connection that stayed up this long counts as having worked: the next failure starts the
 # backoff afresh instead of continuing a previous outage's count.
 _HEALTHY_AFTER_S = 2.0
+# The header in which the server announces where a stream starts (server/api/servicer.py).
+START_AFTER_HEADER = "algoplane-start-after"
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -272,7 +274,9 @@ class AlgoplaneClient:
         on_state: StateHook | None,
     ) -> AsyncGenerator[E]:
         """Yields events; after a resumable failure waits, reopens after the last event_id
-        yielded and goes on. The server's resume is exact, so nothing needs deduplicating."""
+        yielded (or, before any event, after the position the server announced when the
+        stream opened) and goes on. The server's resume is exact, so nothing needs
+        deduplicating."""
         report = on_state or (lambda _state: None)
         last, attempt = after_event_id, 0
         report(StreamState(Connection.CONNECTING))
@@ -292,23 +296,28 @@ class AlgoplaneClient:
             finally:
                 up.cancel()
                 call.cancel()
-            healthy = up.done() and not up.cancelled() and time.monotonic() - up.result() > (
-                _HEALTHY_AFTER_S
-            )  # fmt: skip
+            opened = up.result() if up.done() and not up.cancelled() else None
+            if opened is not None and not last:
+                last = opened[1]  # dropped before any event: resume where it started
+            healthy = opened is not None and time.monotonic() - opened[0] > _HEALTHY_AFTER_S
             attempt = 1 if healthy else attempt + 1
             report(StreamState(Connection.RECONNECTING, attempt=attempt, error=error))
             await asyncio.sleep(self._retry.delay(attempt))
 
     async def _up(
         self, call: grpc.aio.UnaryStreamCall[Any, E], state: StreamState, report: StateHook
-    ) -> float:
-        """Reports the stream connected once the channel is; returns when that was. The server
-        sends nothing (not even headers) before its first event, so a quiet stream gives no
-        other sign that it is established."""
-        await self._channel.channel_ready()
+    ) -> tuple[float, str]:
+        """Reports the stream connected once its headers arrived, which the server sends as
+        soon as the stream's position is fixed; returns when that was and the event_id the
+        stream starts after (empty from a server that does not announce it)."""
+        metadata = await call.initial_metadata()
+        start_after = ""
+        for key, value in metadata or ():
+            if key == START_AFTER_HEADER:
+                start_after = value if isinstance(value, str) else value.decode()
         if not call.done():
             report(state)
-        return time.monotonic()
+        return time.monotonic(), start_after
 
 
 def _connected(resumed_after: str, *, reconnect: bool) -> StreamState:

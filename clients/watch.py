@@ -44,7 +44,10 @@ class _Session:
     def on_state(self, name: str) -> Callable[[StreamState], None]:
         def report(state: StreamState) -> None:
             self.board.set_stream(name, state)
-            if state.gap_possible:
+            # Read the table once the stream's position is fixed (its first connect), so no
+            # change falls between the read and the stream; again after a possible gap.
+            first = state.connection is Connection.CONNECTED and not state.resumed_after
+            if first or state.gap_possible:
                 self.reseed.set()
             self.changed.set()
 
@@ -66,7 +69,6 @@ async def dashboard(
         asyncio.create_task(_follow(session, "orders", _order_events)),
         asyncio.create_task(_prices(session, refresh_s)),
     ]
-    session.reseed.set()
     try:
         with Live(console=console, auto_refresh=False, redirect_stdout=False) as live:
             while True:

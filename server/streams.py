@@ -11,12 +11,12 @@ flow control holds it back).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 
 from server.errors import InvalidArgument, OutOfRange, Unavailable
 from server.fanout import Encode, Encoded, TenantFeed, encode
 from server.store.keys import StreamKind
-from server.store.state import RedisState, StreamId, parse_stream_id
+from server.store.state import RedisState, StreamId, format_stream_id, parse_stream_id
 
 
 class EventStreams:
@@ -42,10 +42,18 @@ class EventStreams:
         self._closing.set()
 
     async def events(
-        self, kind: StreamKind, tenant: str, strategy_id: str, after_event_id: str
+        self,
+        kind: StreamKind,
+        tenant: str,
+        strategy_id: str,
+        after_event_id: str,
+        on_start: Callable[[str], Awaitable[None]] | None = None,
     ) -> AsyncGenerator[tuple[str, bytes]]:
-        """(event_id, the encoded event) for each event after the start position."""
+        """(event_id, the encoded event) for each event after the start position, which is
+        given to `on_start` (as an event_id to resume after) once it is fixed."""
         position, last = await self._start(kind, tenant, after_event_id)
+        if on_start is not None:
+            await on_start(format_stream_id(position))
         feed = self._subscribe(kind, tenant, last)
         try:
             while True:

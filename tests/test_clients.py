@@ -211,3 +211,38 @@ def test_the_wheel_ships_the_generated_stubs(tmp_path: Path) -> None:
     for stub in ("strategy_pb2.py", "strategy_pb2.pyi", "strategy_pb2_grpc.py", "strategy.proto"):
         assert f"protos/algoplane/v1/{stub}" in names
     assert {"clients/sdk.py", "clients/cli.py", "clients/py.typed"} <= names
+
+
+async def test_a_stream_cut_before_its_first_event_resumes_where_it_started(
+    clean_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """The server announces the start position in the stream's headers, so a watcher that got
+    no event before the server went away still misses nothing that happened meanwhile."""
+    port = free_port()
+    states: list[StreamState] = []
+    client = AlgoplaneClient(f"127.0.0.1:{port}", token("sdk-user"), retry=FAST)
+    async with client:
+        events = client.watch_runtime(on_state=states.append)
+        async with restartable(clean_redis, tmp_path, port) as first:
+            await first.stub.StartStrategy(  # the stream is not empty: it starts after this
+                pb.StartStrategyRequest(spec=spec(symbol="TCS")), metadata=auth("sdk-user")
+            )
+            nxt = asyncio.ensure_future(anext(events))
+            for _ in range(250):
+                if any(st.connection is Connection.CONNECTED for st in states):
+                    break
+                await asyncio.sleep(0.02)
+            start_after = (await first.redis.xinfo_stream("stream:runtime:{sdk-user}"))[
+                "last-generated-id"
+            ]
+        async with serving(clean_redis.url, tmp_path) as other:
+            during = await other.stub.StartStrategy(
+                pb.StartStrategyRequest(spec=spec(symbol="INFY")), metadata=auth("sdk-user")
+            )
+        async with restartable(clean_redis, tmp_path, port):
+            got = await asyncio.wait_for(nxt, 15)
+        await events.aclose()
+    assert got.runtime == during
+    connected = [st for st in states if st.connection is Connection.CONNECTED]
+    assert connected[0].resumed_after == ""
+    assert connected[-1].resumed_after == start_after and not connected[-1].gap_possible

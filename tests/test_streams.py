@@ -456,3 +456,25 @@ async def test_order_events_stream_and_list(server: Harness, engine: EngineWrite
 
     listed = await stub.ListOrders(pb.ListOrdersRequest(strategy_id=mine.id), metadata=auth(TENANT))
     assert list(listed.orders) == [expected_proto(buy[-1]), expected_proto(sell[-1])]
+
+
+async def test_headers_announce_the_start_position_before_any_event(server: Harness) -> None:
+    stub = aio_stub(server.channel)
+    before = await start_new(stub, "H0")  # the stream is not empty
+    quiet = runtime_stream(stub)
+    try:
+        headers = dict(await asyncio.wait_for(quiet.initial_metadata(), 5))  # no event yet
+        start_after = str(headers["algoplane-start-after"])
+        last = (await server.redis.xinfo_stream("stream:runtime:{tenant-a}"))["last-generated-id"]
+        assert start_after == last
+        # A client that drops before any event resumes there and misses nothing.
+        quiet.cancel()
+        changes = [await stop(stub, before.strategy_id), await start_new(stub, "H1")]
+        resumed = runtime_stream(stub, after=start_after)
+        try:
+            got = await take(resumed, 2)
+        finally:
+            resumed.cancel()
+        assert [e.runtime for e in got] == changes
+    finally:
+        quiet.cancel()

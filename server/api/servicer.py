@@ -102,7 +102,14 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
         owner = tenant()
         if strategy_id:
             await self._manager.check_owner(owner, strategy_id)
-        events = self._streams.events(kind, owner, strategy_id, after_event_id)
+
+        async def announce(start_after: str) -> None:
+            # Headers go out at once with the position the stream starts after: a client
+            # knows the stream is established, and can resume exactly even if it drops
+            # before the first event.
+            await context.send_initial_metadata(((START_AFTER_HEADER, start_after),))
+
+        events = self._streams.events(kind, owner, strategy_id, after_event_id, announce)
         # aclosing: the subscription ends with the call, not whenever the generator is collected.
         async with contextlib.aclosing(events):
             async for _event_id, payload in events:
@@ -133,6 +140,7 @@ def encode_order_event(event_id: str, fields: Flat) -> bytes:
     return pb.OrderEvent(event_id=event_id, order=order).SerializeToString()
 
 
+START_AFTER_HEADER = "algoplane-start-after"
 ENCODERS: dict[StreamKind, Callable[[str, Flat], bytes]] = {
     "runtime": encode_runtime_event,
     "orders": encode_order_event,
