@@ -13,6 +13,7 @@ chunks.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -103,7 +104,10 @@ class Scheduler:
         instant = self._instants.get(timer.due_us)
         if instant is None:
             instant = self._instants[timer.due_us] = {}
-            self._aps.add_job(
+            # In an empty context: APScheduler's timer would otherwise inherit the caller's
+            # (an RPC's log fields), and a job firing for many tenants would log as one.
+            contextvars.Context().run(
+                self._aps.add_job,
                 self._fire,
                 trigger="date",
                 run_date=due,
