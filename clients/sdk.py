@@ -95,9 +95,22 @@ class AlgoplaneClient:
         timeout_s: float = 10.0,
         retry: RetryPolicy | None = None,
         on_retry: RetryHook | None = None,
+        keepalive_s: float = 20.0,
     ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        # Pings, also on an idle stream, so a link that dropped silently (no reset, e.g. a
+        # NAT that forgot it) is noticed within keepalive_s plus its timeout and resumed.
+        keepalive = [
+            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(min(keepalive_s, 10.0) * 1000)),
+            # grpc-core 1.6x applies this one, not keepalive_timeout, to the ping's ack.
+            ("grpc.http2.ping_timeout_ms", int(min(keepalive_s, 10.0) * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_time_between_pings_ms", int(keepalive_s * 1000)),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive_s * 1000)),
+        ]
+        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS + keepalive)
         self._stub = strategy_pb2_grpc.StrategyServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._timeout = timeout_s

@@ -374,6 +374,15 @@ class App:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
+                # Dashboards sit on idle streams: clients may ping (the SDK does, every 20 s)
+                # to find a dead link, and the server pings them to free the streams of
+                # clients that vanished without a close.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+                ("grpc.http2.max_ping_strikes", 0),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.ping_timeout_ms", 20_000),  # what grpc-core 1.6x applies
             ],
         )
         add_strategy_service(

@@ -246,3 +246,40 @@ async def test_a_stream_cut_before_its_first_event_resumes_where_it_started(
     connected = [st for st in states if st.connection is Connection.CONNECTED]
     assert connected[0].resumed_after == ""
     assert connected[-1].resumed_after == start_after and not connected[-1].gap_possible
+
+
+async def test_a_link_that_goes_silent_is_noticed_by_keepalive_and_the_stream_resumes(
+    server: Harness,
+) -> None:
+    """A black-holed link (no reset, nothing forwarded) under an idle stream: the SDK's pings
+    go unanswered, it reconnects once the link works again, and misses nothing meanwhile."""
+    proxy = FaultProxy("127.0.0.1", server.port)
+    port = await proxy.start()
+    states: list[StreamState] = []
+    client = AlgoplaneClient(f"127.0.0.1:{port}", token("sdk-user"), retry=FAST, keepalive_s=1.0)
+    try:
+        async with client:
+            events = client.watch_runtime(on_state=states.append)
+            nxt = asyncio.ensure_future(anext(events))
+            await until_state(states, Connection.CONNECTED)
+            proxy.blackhole()
+            await until_state(states, Connection.RECONNECTING, timeout_s=6)
+            during = await server.stub.StartStrategy(  # made while the watcher is cut off
+                pb.StartStrategyRequest(spec=spec(symbol="WIPRO")), metadata=auth("sdk-user")
+            )
+            proxy.heal()
+            got = await asyncio.wait_for(nxt, 15)
+            await events.aclose()
+    finally:
+        await proxy.stop()
+    assert got.runtime == during
+
+
+async def until_state(
+    states: list[StreamState], connection: Connection, timeout_s: float = 5.0
+) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if any(st.connection is connection for st in states):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no {connection.value} state within {timeout_s}s: {states}")
