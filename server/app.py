@@ -325,36 +325,28 @@ class App:
             await asyncio.sleep(self._settings.timer_sync_s)
             rounds += 1
             try:
-                if rounds % _FULL_SYNC_EVERY == 0:
-                    await self._sync_timers()
-                else:
-                    await self._sync_changes()
+                await self._sync_timers(full=rounds % _FULL_SYNC_EVERY == 0)
             except Exception as exc:  # noqa: BLE001 - DB away: the next round retries
                 log.warning("timer sync failed: %s", exc)
 
-    async def _sync_timers(self) -> None:
-        """Timers and watched symbols follow the DB's live strategies (restarts, replicas)."""
+    async def _sync_timers(self, *, full: bool = True) -> None:
+        """Timers and watched symbols follow the DB's live strategies (restarts, replicas).
+        Not `full`: only the strategies changed since the last round (by any replica);
+        reading 100,000 live ones every few seconds cost half a core. The overlap covers
+        commits that landed late and clocks that differ a little between replicas; the full
+        sync every _FULL_SYNC_EVERY rounds catches anything beyond that."""
         assert self._scheduler is not None and self._db is not None
         began_us = to_micros(self._clock.now())
-        live = await self._db.list_live()
-        self._scheduler.sync(live)
-        self._symbols = {strategy.spec.symbol for strategy, _ in live}
-        self._synced_us = began_us
-        if self._listener is not None:
-            self._listener.watch(self._symbols)
-
-    async def _sync_changes(self) -> None:
-        """Between full syncs, only the strategies changed since the last round (by any
-        replica): reading 100,000 live ones every few seconds cost half a core. The overlap
-        covers commits that landed late and clocks that differ a little between replicas;
-        the full sync every _FULL_SYNC_EVERY rounds catches anything beyond that."""
-        assert self._scheduler is not None and self._db is not None
-        began_us = to_micros(self._clock.now())
-        overlap_us = int((2 * self._settings.timer_sync_s + 1) * 1_000_000)
-        changed = await self._db.list_changed_since(self._synced_us - overlap_us)
-        for strategy, runtime in changed:
-            self._scheduler.schedule(strategy, runtime)  # a strategy no longer live: cancelled
-        self._symbols |= {s.spec.symbol for s, runtime in changed if runtime.status.live}
+        if full:
+            live = await self._db.list_live()
+            self._scheduler.sync(live)
+            self._symbols = {strategy.spec.symbol for strategy, _ in live}
+        else:
+            overlap_us = int((2 * self._settings.timer_sync_s + 1) * 1_000_000)
+            changed = await self._db.list_changed_since(self._synced_us - overlap_us)
+            for strategy, runtime in changed:
+                self._scheduler.schedule(strategy, runtime)  # no longer live: cancelled
+            self._symbols |= {s.spec.symbol for s, runtime in changed if runtime.status.live}
         self._synced_us = began_us
         if self._listener is not None:
             self._listener.watch(self._symbols)

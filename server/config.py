@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 _ADDR = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+|\*):\d{1,5}$")
 
@@ -105,6 +106,9 @@ class Settings(BaseSettings):
     def _database_url(cls, value: str) -> str:
         if value and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("expected sqlite+aiosqlite:// or postgresql+asyncpg:// URL")
+        if value.startswith("sqlite") and make_url(value).database in (None, "", ":memory:"):
+            # Every aiosqlite connection would get its own empty in-memory database.
+            raise ValueError("SQLite needs a file: sqlite+aiosqlite:///path/to/algoplane.db")
         return value
 
     @field_validator("jwt_secret")

@@ -479,8 +479,7 @@ class ExecutionEngine:
     async def _give_up(self, event: OrderEvent, deliveries: int) -> None:
         """An event that failed on every delivery ends with a recorded reason."""
         async with self._locks.held(event.strategy_id):
-            found = await self._db.find(event.strategy_id)
-            existing = await self._db.get_order(event.order_id)
+            found, existing = await self._db.find_with_order(event.strategy_id, event.order_id)
             if found is None or (existing is not None and existing.status.final):
                 return
             why = f"{event.intent.kind.value} abandoned after {deliveries} failed deliveries"

@@ -183,6 +183,7 @@ async def test_embedded_defaults_sigterm_and_restart(tmp_path: Path) -> None:
         ("ALGOPLANE_JWT_SECRET", "short"),
         ("ALGOPLANE_REDIS_URL", "http://localhost:6379"),
         ("ALGOPLANE_DATABASE_URL", "mysql://db"),
+        ("ALGOPLANE_DATABASE_URL", "sqlite+aiosqlite:///:memory:"),
         ("ALGOPLANE_STREAM_MAXLEN", "ten"),
         ("ALGOPLANE_METRICS_ADDR", "9464"),
         ("ALGOPLANE_LOG_FORMAT", "xml"),

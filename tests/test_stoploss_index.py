@@ -49,14 +49,6 @@ async def test_comparison_is_exact_at_eight_decimals(redis: Redis) -> None:
     assert await index.tick("X", Decimal("1234567890.12345678")) == ["at"]
 
 
-async def test_recheck_uses_the_stored_price(redis: Redis) -> None:
-    index = StopLossIndex(redis=redis)
-    assert await index.recheck("SBIN") == []  # no price yet
-    await index.tick("SBIN", Decimal("90"))
-    await index.arm("SBIN", "late", Decimal("95"))  # armed after the breaching tick
-    assert await index.recheck("SBIN") == ["late"]
-
-
 async def test_disarm_and_hand_over(redis: Redis) -> None:
     index = StopLossIndex(redis=redis)
     await index.arm("SBIN", "a", Decimal("95"))

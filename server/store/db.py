@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
@@ -24,11 +23,11 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlmodel import Field, SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -141,15 +140,16 @@ class Database:
         self._engine: AsyncEngine = create_async_engine(url, **_engine_options(url, timeout_s))
         if self._sqlite:
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
-        # SQLite has one writer at a time; serialising our own writes avoids SQLITE_BUSY
-        # on lock upgrades. PostgreSQL takes concurrent writers.
-        self._write_lock = asyncio.Lock() if self._sqlite else None
-        path = make_url(url).database if self._sqlite else None
-        self._hot_writer = (
-            SqliteWriter(path, strategies=StrategyRow.__tablename__, orders=OrderRow.__tablename__)
-            if path and path != ":memory:"
-            else None
-        )
+        # On SQLite (one writer at a time) every write and the engine's reads go through
+        # one thread (SqliteWriter); the SQLAlchemy paths below that write serve PostgreSQL.
+        self._hot_writer: SqliteWriter | None = None
+        if self._sqlite:
+            path = make_url(url).database
+            if path in (None, "", ":memory:"):  # Settings refuses these; direct callers too
+                raise ValueError("SQLite needs a file, not an in-memory database")
+            self._hot_writer = SqliteWriter(
+                path, strategies=StrategyRow.__tablename__, orders=OrderRow.__tablename__
+            )
 
     @property
     def engine(self) -> AsyncEngine:
@@ -176,26 +176,6 @@ class Database:
         if self._hot_writer is not None:
             await self._hot_writer.close()
         await self._engine.dispose()
-
-    @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncSession]:
-        if self._write_lock is None:
-            async with AsyncSession(self._engine, expire_on_commit=False) as session:
-                yield session
-            return
-        async with self._write_lock, AsyncSession(self._engine, expire_on_commit=False) as s:
-            yield s
-
-    @asynccontextmanager
-    async def _writing_core(self) -> AsyncIterator[AsyncConnection]:
-        """A plain connection for the engine's hot writes: no ORM unit of work to flush.
-        Leaving without commit() rolls back."""
-        if self._write_lock is None:
-            async with self._engine.connect() as conn:
-                yield conn
-            return
-        async with self._write_lock, self._engine.connect() as conn:
-            yield conn
 
     async def get_response(self, tenant: str, request_id: str) -> StoredResponse | None:
         if self._hot_writer is not None:
@@ -230,7 +210,7 @@ class Database:
             except sqlite3.IntegrityError:
                 raise IdempotencyConflict() from None
             return
-        async with self._writing() as session:
+        async with AsyncSession(self._engine, expire_on_commit=False) as session:
             session.add(_to_row(strategy, runtime))
             if idempotency is not None:
                 session.add(_idem_row(strategy.tenant, idempotency, response, runtime))
@@ -271,7 +251,7 @@ class Database:
                 self._hot_writer, tenant, strategy_id, change, idempotency
             )
         for _ in range(_MAX_CONFLICT_RETRIES):
-            async with self._writing() as session:
+            async with AsyncSession(self._engine, expire_on_commit=False) as session:
                 row = await session.get(StrategyRow, strategy_id)
                 if row is None or row.tenant != tenant:
                     raise strategy_not_found(strategy_id)
@@ -320,24 +300,16 @@ class Database:
                 return _with_status(strategy, updated), updated, True
         raise RuntimeError(f"strategy {strategy_id}: too many concurrent updates")
 
-    async def find(self, strategy_id: str) -> tuple[Strategy, Runtime] | None:
-        """Internal lookup by id alone (the engine and scheduler act for every tenant)."""
-        async with AsyncSession(self._engine) as session:
-            row = await session.get(StrategyRow, strategy_id)
-        return (_strategy(row), _runtime(row)) if row is not None else None
-
     async def list_live(self) -> list[tuple[Strategy, Runtime]]:
         """Every started, unfinished strategy: what the scheduler must have timers for."""
         live = [StrategyStatus.SCHEDULED.value, StrategyStatus.RUNNING.value]
-        query = select(StrategyRow).where(col(StrategyRow.status).in_(live))
-        async with AsyncSession(self._engine) as session:
-            rows = (await session.exec(query)).all()
-        return [(_strategy(row), _runtime(row)) for row in rows]
+        return await self._strategies(col(StrategyRow.status).in_(live))
 
     async def find_with_order(
         self, strategy_id: str, order_id: str
     ) -> tuple[tuple[Strategy, Runtime] | None, Order | None]:
-        """find() and get_order() in one session: the engine needs both for every event."""
+        """A strategy (by id alone: the engine acts for every tenant) and one of its orders,
+        in one read; (None, None) when the strategy does not exist."""
         if self._hot_writer is not None:
             values, order_values = await self._hot_writer.find(strategy_id, order_id)
             if values is None:
@@ -353,15 +325,12 @@ class Database:
 
     async def list_changed_since(self, since_us: int) -> list[tuple[Strategy, Runtime]]:
         """Every strategy whose runtime changed at or after `since_us`, live or not."""
-        query = select(StrategyRow).where(col(StrategyRow.updated_at) >= since_us)
-        async with AsyncSession(self._engine) as session:
-            rows = (await session.exec(query)).all()
-        return [(_strategy(row), _runtime(row)) for row in rows]
+        return await self._strategies(col(StrategyRow.updated_at) >= since_us)
 
-    async def get_order(self, order_id: str) -> Order | None:
+    async def _strategies(self, condition: Any) -> list[tuple[Strategy, Runtime]]:
         async with AsyncSession(self._engine) as session:
-            row = await session.get(OrderRow, order_id)
-        return _order(row) if row is not None else None
+            rows = (await session.exec(select(StrategyRow).where(condition))).all()
+        return [(_strategy(row), _runtime(row)) for row in rows]
 
     async def list_unfinished_orders(self, updated_before_us: int) -> list[tuple[Order, int]]:
         """Orders whose intent is committed but not final (PENDING, SUBMITTED, UNKNOWN), last
@@ -391,7 +360,8 @@ class Database:
                 _runtime_values(runtime) if runtime is not None else None,
                 [_order_values(order, run) for order, run in orders],
             )
-        async with self._writing_core() as conn:
+        # A plain connection: no ORM unit of work to flush; leaving without commit rolls back.
+        async with self._engine.connect() as conn:
             if runtime is not None:
                 result = await conn.execute(
                     update(StrategyRow)
@@ -407,10 +377,9 @@ class Database:
             return True
 
     def _upsert_order(self, values: dict[str, Any]) -> Any:
-        """One INSERT .. ON CONFLICT DO UPDATE by client order id (both dialects have it),
-        instead of a read and an ORM flush."""
-        insert = sqlite.insert if self._sqlite else postgresql.insert
-        statement = insert(OrderRow).values(**values)
+        """One INSERT .. ON CONFLICT DO UPDATE by client order id (PostgreSQL; SQLite's goes
+        through SqliteWriter), instead of a read and an ORM flush."""
+        statement = postgresql.insert(OrderRow).values(**values)
         changed = {key: statement.excluded[key] for key in values if key != "id"}
         return statement.on_conflict_do_update(index_elements=["id"], set_=changed)
 

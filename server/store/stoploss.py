@@ -46,13 +46,9 @@ class StopLossIndex:
         return await self._run(symbol, *args)
 
     async def arm_and_recheck(self, symbol: str, strategy_id: str, stop_loss: Decimal) -> list[str]:
-        """arm() then recheck(), in one script call."""
+        """arm(), then fire what the stored price already breaches, in one script call."""
         entry = member(strategy_id, stop_loss)
         return await self._run(symbol, "", "", entry, repr(float(stop_loss)))
-
-    async def recheck(self, symbol: str) -> list[str]:
-        """Fires what the stored price already breaches."""
-        return await self._run(symbol, "")
 
     async def _run(self, symbol: str, *args: str) -> list[str]:
         keys_ = [keys.price(symbol), keys.stoploss_armed(symbol), keys.stoploss_fired(symbol)]

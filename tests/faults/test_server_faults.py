@@ -217,19 +217,19 @@ async def test_kill_9_during_a_slow_broker_call_then_restart_settles_once(
 
         db = Database(db_url(data))
         try:
-            before = await db.get_order(buy)
+            _, before = await db.find_with_order(sid, buy)
             assert before is not None and before.status is OrderStatus.SUBMITTED, before
             assert before.attempts == 1
 
             # The same server again: same data dir (DB), same Redis, same port.
             nodes.append(node := await launch(env, tmp_path, "second"))
             # "listening" comes after recovery: the BUY is settled by now.
-            after = await db.get_order(buy)
+            _, after = await db.find_with_order(sid, buy)
             assert after is not None and after.status is OrderStatus.FILLED, after
             # Not at the broker: placed once more with the same id. At the broker: found by
             # get_order and recorded, never placed again.
             assert after.attempts == (1 if applied else 2)
-            found = await db.find(sid)
+            found, _ = await db.find_with_order(sid, buy)
             assert found is not None
             runtime = found[1]
             assert (runtime.status, runtime.position) == (
@@ -422,7 +422,8 @@ async def test_sigterm_with_open_streams_and_orders_in_flight(
                 in_flight = [
                     order.id
                     for order in [
-                        await db.get_order(client_order_id(s, 1, Intent.BUY)) for s in sids
+                        (await db.find_with_order(s, client_order_id(s, 1, Intent.BUY)))[1]
+                        for s in sids
                     ]
                     if order is not None and not order.status.final
                 ]
