@@ -67,7 +67,7 @@ async def _subscribe(addr: str, tenants: list[str], per_tenant: int, expect: int
     counts: list[int] = []
 
     async def one(tenant: str) -> None:
-        token = mint_token(JWT_SECRET, tenant, _ttl(), datetime.now(UTC))
+        token = mint_token(JWT_SECRET, tenant, timedelta(hours=1), datetime.now(UTC))
         call = stub.StreamRuntime(
             pb.StreamRuntimeRequest(), metadata=(("authorization", f"Bearer {token}"),)
         )
@@ -96,10 +96,6 @@ async def _subscribe(addr: str, tenants: list[str], per_tenant: int, expect: int
     print(json.dumps({"lags": lags, "counts": counts}), flush=True)
     await channel.close(None)
     sys.exit(0)
-
-
-def _ttl() -> timedelta:
-    return timedelta(hours=1)
 
 
 # ----------------------------------------------------------------------------- load
