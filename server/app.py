@@ -312,7 +312,6 @@ class App:
         settings = self._settings
         paper = PaperBroker(
             redis=state.client,
-            prices=state,
             latency_s=settings.paper_latency_ms / 1000,
             timeout_rate=settings.paper_timeout_rate,
             error_rate=settings.paper_error_rate,

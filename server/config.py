@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     health_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
 
     # Execution pipeline.
-    exec_concurrency: Annotated[int, Field(ge=1, le=1024)] = 32
+    # Events the engine holds at once (taken 64 at a time by each order worker).
+    exec_concurrency: Annotated[int, Field(ge=1, le=1024)] = 256
     buy_grace_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     broker_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     broker_timeout_s: Annotated[float, Field(gt=0, le=120)] = 2.0

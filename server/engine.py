@@ -42,6 +42,7 @@ from server.domain import (
     refusal,
     strategy_failed,
 )
+from server.engine_batch import BatchLane
 from server.logs import bind as bind_log_context
 from server.logs import reset as reset_log_context
 from server.metrics import Metrics
@@ -57,7 +58,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    concurrency: int = 32
+    # Events in hand at once, taken `batch_size` at a time by each of the order workers.
+    concurrency: int = 256
+    batch_size: int = 64
     broker_attempts: int = 3
     broker_timeout_s: float = 2.0
     buy_grace_s: float = 5.0
@@ -73,6 +76,13 @@ class EngineConfig:
 class Outcome(Enum):
     DONE = "done"
     DEFER = "defer"  # not yet: run again after the strategy's current step completes
+
+
+class FollowUp(Enum):
+    """What a settled order asks for once committed."""
+
+    ARM = "arm"  # a position opened: arm its stop-loss
+    FINISH = "finish"  # the run trades no more: no timers, no armed stop-loss
 
 
 class ExecutionEngine:
@@ -105,12 +115,26 @@ class ExecutionEngine:
         # Workers waiting in XREADGROUP hold nothing yet; stop() cancels them at once.
         self._idle: set[asyncio.Task[None]] = set()
         self._busy = asyncio.Semaphore(config.concurrency)
+        self._lane = BatchLane(
+            engine=self,
+            queue=queue,
+            locks=locks,
+            db=db,
+            publisher=publisher,
+            touch_interval_s=config.claim_idle_ms / 3000,
+        )
 
     async def start(self) -> None:
         await self._queue.ensure_group()
+        batch = min(self._config.batch_size, self._config.concurrency)
+        workers = -(-self._config.concurrency // batch)
+        # Exits have a worker of their own, so a stop-loss never waits behind a burst.
         self._tasks = [
-            asyncio.create_task(self._worker(), name=f"engine-worker-{n}")
-            for n in range(self._config.concurrency)
+            asyncio.create_task(self._worker(batch, exits_only=True), name="engine-exits")
+        ]
+        self._tasks += [
+            asyncio.create_task(self._worker(batch), name=f"engine-worker-{n}")
+            for n in range(workers)
         ]
         self._tasks.append(asyncio.create_task(self._reaper(), name="engine-reaper"))
 
@@ -130,13 +154,15 @@ class ExecutionEngine:
                 await task
         self._tasks = []
 
-    async def _worker(self) -> None:
+    async def _worker(self, batch: int, *, exits_only: bool = False) -> None:
         me = asyncio.current_task()
         assert me is not None
         while not self._closing.is_set():
             self._idle.add(me)
             try:
-                deliveries = await self._queue.take(self._config.block_ms)
+                deliveries = await self._queue.take(
+                    self._config.block_ms, batch, exits_only=exits_only
+                )
             except Exception as exc:  # noqa: BLE001 - Redis away: pause, then go on
                 log.warning("engine cannot read the queue: %s", exc)
                 await asyncio.sleep(0.5)
@@ -146,9 +172,12 @@ class ExecutionEngine:
                 continue
             finally:
                 self._idle.discard(me)
-            for delivery in deliveries:
-                async with self._busy:
-                    await self.handle(delivery)
+            careful = await self._lane.run(deliveries)
+            await asyncio.gather(*(self._carefully(delivery) for delivery in careful))
+
+    async def _carefully(self, delivery: Delivery) -> None:
+        async with self._busy:
+            await self.handle(delivery)
 
     async def _reaper(self) -> None:
         while not self._closing.is_set():
@@ -165,8 +194,7 @@ class ExecutionEngine:
     async def _take_over(self, delivery: Delivery) -> None:
         log.warning("taking over event %s (%s)", delivery.entry_id, delivery.fields)
         self._metrics.redelivered(QUEUE_NAMES.get(delivery.stream, ""))
-        async with self._busy:
-            await self.handle(delivery)
+        await self._carefully(delivery)
 
     async def handle(self, delivery: Delivery) -> None:
         """Runs one delivered event to its end and acknowledges it. A failure (Redis or the
@@ -317,16 +345,35 @@ class ExecutionEngine:
     ) -> tuple[Order, Runtime] | Outcome:
         """Checks the event against the state and commits its intent; an Outcome when the
         event ends here (DONE: recorded as skipped or failed) or must wait (DEFER)."""
+        verdict = self.verdict(event, strategy, runtime)
+        if verdict is not None:
+            outcome, why, fails = verdict
+            if why:
+                await self._skip(event, strategy, why)
+            if fails:
+                await self._fail(runtime, why)
+            return outcome
+        order, submitted = self.intent(event, strategy, runtime)
+        await self._save(submitted, [order], event.run)  # published beside the broker call
+        return order, submitted
+
+    def verdict(
+        self, event: OrderEvent, strategy: Strategy, runtime: Runtime
+    ) -> tuple[Outcome, str, bool] | None:
+        """None when the event's order may go to the broker now; otherwise its outcome, the
+        reason it is recorded as skipped ('' when it only waits) and whether the strategy
+        fails with it."""
         if event.run != runtime.run:
-            why = f"event of run {event.run}, the strategy is on run {runtime.run}"
-            await self._skip(event, strategy, why)
-            return Outcome.DONE
+            return (
+                Outcome.DONE,
+                f"event of run {event.run}, the strategy is on run {runtime.run}",
+                False,
+            )
         if _waits_for_buy(event.intent, runtime):
-            return Outcome.DEFER
+            return Outcome.DEFER, "", False
         reason = refusal(event.intent, runtime)
         if reason:
-            await self._skip(event, strategy, reason)
-            return Outcome.DONE
+            return Outcome.DONE, reason, False
         # Late is late whether the timer fired late (the process was down) or the event
         # waited (the DB was away): a BUY is placed only within the grace of buy_time.
         late = max(event.lateness_s, (self._clock.now() - strategy.spec.buy_time).total_seconds())
@@ -335,15 +382,17 @@ class ExecutionEngine:
                 f"BUY not placed: {late:.1f}s after buy_time, beyond the "
                 f"{self._config.buy_grace_s:g}s grace"
             )
-            await self._skip(event, strategy, why)
-            await self._fail(runtime, why)
-            return Outcome.DONE
+            return Outcome.DONE, why, True
+        return None
+
+    def intent(
+        self, event: OrderEvent, strategy: Strategy, runtime: Runtime
+    ) -> tuple[Order, Runtime]:
+        """The order and the runtime to commit before the broker call: the intent and the
+        first attempt in one commit, since the broker call follows at once."""
         now = self._clock.now()
-        # The intent and the first attempt in one commit: the broker call follows at once.
         order = replace(_new_order(event, strategy, OrderStatus.SUBMITTED, now), attempts=1)
-        submitted = order_submitted(runtime, event.intent, order.id, now)
-        await self._save(submitted, [order], event.run)  # published beside the broker call
-        return order, submitted
+        return order, order_submitted(runtime, event.intent, order.id, now)
 
     async def _send(
         self,
@@ -361,24 +410,36 @@ class ExecutionEngine:
             asyncio.ensure_future(self._publish_all(runtime, [order])) if intent_committed else None
         )
         try:
-            reply, order, error = await self._place(
+            reply, order, error = await self.place(
                 order, strategy.spec.symbol, side, event.run, event.tick_at_us, publishing
             )
         finally:
             if publishing is not None:
                 await publishing
-        now = self._clock.now()
-        if reply is _UNKNOWN:  # the last attempt's fate is unknown: the reconciler settles it
+        if isinstance(reply, BrokerOrder):
+            await self._record_reply(event, strategy, runtime, order, reply)
+        else:
+            await self.unplaced(event, strategy, runtime, order, reply, error)
+
+    async def unplaced(
+        self,
+        event: OrderEvent,
+        strategy: Strategy,
+        runtime: Runtime,
+        order: Order,
+        reply: object | None,
+        error: str,
+    ) -> None:
+        """Records an order the broker surely does not have (None: failed) or whose fate it
+        could not tell (_UNKNOWN: left for the reconciler)."""
+        if reply is _UNKNOWN:
             await self._leave_unknown(order, event.run, f"outcome unknown: {error}")
             return
-        if reply is None:
-            failed = replace(order, status=OrderStatus.FAILED, error=error, updated_at=now)
-            why = f"{order.kind.value} failed after {order.attempts} attempts: {error}"
-            await self._commit(strategy_failed(runtime, why, now), [failed], event.run)
-            await self._finish(strategy)
-            return
-        assert isinstance(reply, BrokerOrder)
-        await self._record_reply(event, strategy, runtime, order, reply)
+        now = self._clock.now()
+        failed = replace(order, status=OrderStatus.FAILED, error=error, updated_at=now)
+        why = f"{order.kind.value} failed after {order.attempts} attempts: {error}"
+        await self._commit(strategy_failed(runtime, why, now), [failed], event.run)
+        await self._finish(strategy)
 
     async def _record_reply(
         self,
@@ -388,27 +449,32 @@ class ExecutionEngine:
         order: Order,
         reply: BrokerOrder,
     ) -> None:
+        after, settled, follow_up = self.settle(event, runtime, order, reply)
+        await self._commit(after, [settled], event.run)
+        if follow_up is FollowUp.ARM:
+            await self._stoploss.arm(strategy)
+        elif follow_up is FollowUp.FINISH:
+            await self._finish(strategy)
+
+    def settle(
+        self, event: OrderEvent, runtime: Runtime, order: Order, reply: BrokerOrder
+    ) -> tuple[Runtime | None, Order, FollowUp | None]:
+        """What the broker's reply makes of the order and the runtime (None: unchanged),
+        and what follows once that is committed."""
         now = self._clock.now()
         order = replace(order, broker_order_id=reply.broker_order_id, updated_at=now)
         if reply.status is BrokerOrderStatus.FILLED and reply.fill_price is not None:
             filled = replace(order, status=OrderStatus.FILLED, fill_price=reply.fill_price)
             after = order_filled(runtime, event.intent, reply.fill_price, now)
-            await self._commit(after, [filled], event.run)
-            if event.intent is Intent.BUY:
-                await self._stoploss.arm(strategy)
-            else:
-                await self._finish(strategy)
-            return
+            return after, filled, FollowUp.ARM if event.intent is Intent.BUY else FollowUp.FINISH
         if reply.status is BrokerOrderStatus.REJECTED:
             rejected = replace(order, status=OrderStatus.REJECTED, error=reply.reason)
             why = f"{order.kind.value} rejected by the broker: {reply.reason}"
-            await self._commit(strategy_failed(runtime, why, now), [rejected], event.run)
-            await self._finish(strategy)
-            return
+            return strategy_failed(runtime, why, now), rejected, FollowUp.FINISH
         # Accepted but not filled: left SUBMITTED for the reconciler to follow.
-        await self._commit(None, [replace(order, status=OrderStatus.SUBMITTED)], event.run)
+        return None, replace(order, status=OrderStatus.SUBMITTED), None
 
-    async def _place(
+    async def place(
         self,
         order: Order,
         symbol: str,
@@ -438,10 +504,8 @@ class ExecutionEngine:
             if tick_at_us and order.attempts == 1:  # wall clock: the tick may be another host's
                 self._metrics.tick_to_order((time.time_ns() // 1000 - tick_at_us) / 1e6)
             try:
-                reply = await asyncio.wait_for(
-                    self._broker.place_order(order.id, symbol, side, order.quantity),
-                    self._config.broker_timeout_s,
-                )
+                async with asyncio.timeout(self._config.broker_timeout_s):
+                    reply = await self._broker.place_order(order.id, symbol, side, order.quantity)
                 return check_reply(reply, order.id), order, ""
             except (AmbiguousBrokerError, TimeoutError, OSError) as exc:
                 error = str(exc) or type(exc).__name__
@@ -454,9 +518,8 @@ class ExecutionEngine:
     async def _lookup(self, order_id: str) -> BrokerOrder | object | None:
         """The broker's order, None when it has none, _UNKNOWN when it could not tell."""
         try:
-            reply = await asyncio.wait_for(
-                self._broker.get_order(order_id), self._config.broker_timeout_s
-            )
+            async with asyncio.timeout(self._config.broker_timeout_s):
+                reply = await self._broker.get_order(order_id)
             return check_reply(reply, order_id) if reply is not None else None
         except (AmbiguousBrokerError, TimeoutError, OSError) as exc:
             log.warning("get_order(%s) failed: %s", order_id, exc)
@@ -471,6 +534,17 @@ class ExecutionEngine:
         """The strategy will trade no more this run: no timers, no armed stop-loss."""
         self._cancel_timers(strategy.id)
         await self._stoploss.disarm(strategy)
+
+    async def follow_up_all(
+        self, follow_ups: list[tuple[Strategy | None, FollowUp | None]]
+    ) -> None:
+        """What settled orders of many strategies ask for, once committed."""
+        armed = [s for s, then in follow_ups if s is not None and then is FollowUp.ARM]
+        ended = [s for s, then in follow_ups if s is not None and then is FollowUp.FINISH]
+        for strategy in ended:
+            self._cancel_timers(strategy.id)
+        await self._stoploss.disarm_all(ended)
+        await self._stoploss.arm_all(armed)
 
     async def _fail(self, runtime: Runtime, reason: str) -> None:
         await self._commit(strategy_failed(runtime, reason, self._clock.now()), [], runtime.run)
@@ -497,12 +571,19 @@ class ExecutionEngine:
     async def _save(self, runtime: Runtime | None, orders: list[Order], run: int) -> None:
         if not await self._db.save(runtime, [(order, run) for order in orders]):
             raise RuntimeError("runtime changed under the strategy lock (lock lost?)")
-        # Counted once committed: a retry after a failed publish finds the order final in the
-        # DB and drops the event, so this is the one place that sees it become final.
+        self.committed(orders)
+
+    def committed(self, orders: list[Order], event_ids: dict[str, str] | None = None) -> None:
+        """Counts and logs the orders a commit made final (`event_ids`: the queue entry of
+        each order, when many are committed together). Counted once committed: a retry
+        after a failed publish finds the order final in the DB and drops the event, so the
+        commit is the one place that sees it become final."""
         for order in (order for order in orders if order.status.final):
             self._metrics.order_final(order.kind, order.status)
             ids = {"tenant": order.tenant, "strategy_id": order.strategy_id}
             ids["order_id"] = order.id  # also when recovery settles it (no event bound)
+            if event_ids and order.id in event_ids:
+                ids["event_id"] = event_ids[order.id]
             why = f": {order.error}" if order.error else ""
             log.info("order %s %s%s", order.id, order.status.value, why, extra=ids)
 

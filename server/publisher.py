@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from server.domain import Order, Runtime, Strategy
-from server.store.codec import order_to_flat, runtime_to_flat
+from server.store.codec import Flat, order_to_flat, runtime_to_flat
+from server.store.keys import StreamKind
 from server.store.state import RedisState
+
+Event = tuple[StreamKind, str, Flat]  # (stream kind, tenant, fields)
 
 
 class Publisher:
@@ -23,3 +26,15 @@ class Publisher:
 
     async def order(self, order: Order) -> None:
         await self._state.append_event("orders", order.tenant, order_to_flat(order))
+
+    async def changes(self, changes: list[tuple[Runtime | None, list[Order]]]) -> None:
+        """Many committed changes (of different strategies) at once, as order() for each
+        order then runtime() would publish them, in two round trips for all."""
+        orders: list[Event] = [
+            ("orders", o.tenant, order_to_flat(o)) for _, os in changes for o in os
+        ]
+        runtimes = [runtime for runtime, _ in changes if runtime is not None]
+        written = await self._state.put_runtimes(runtimes, events_before=orders)
+        fresh = [runtime for runtime, new in zip(runtimes, written, strict=True) if new]
+        events: list[Event] = [("runtime", r.tenant, runtime_to_flat(r)) for r in fresh]
+        await self._state.put_written(fresh, events_after=events)

@@ -37,6 +37,15 @@ class StopLossGuard:
         fired = await self._index.arm_and_recheck(spec.symbol, strategy.id, spec.stop_loss)
         await self.hand_over(spec.symbol, fired)
 
+    async def arm_all(self, strategies: list[Strategy]) -> None:
+        """arm() for many fresh positions, in one round trip while none fires."""
+        armed = [(s.spec.symbol, s.id, s.spec.stop_loss) for s in strategies]
+        for symbol, fired in await self._index.arm_and_recheck_all(armed):
+            await self.hand_over(symbol, fired)
+
+    async def disarm_all(self, strategies: list[Strategy]) -> None:
+        await self._index.disarm_all([(s.spec.symbol, s.id, s.spec.stop_loss) for s in strategies])
+
     async def disarm(self, strategy: Strategy) -> None:
         await self._index.disarm(strategy.spec.symbol, strategy.id, strategy.spec.stop_loss)
 

@@ -34,9 +34,7 @@ async def state(redis_proc: RedisProcess) -> AsyncIterator[RedisState]:
 
 
 def paper(state: RedisState, timeout_rate: float = 0.0, error_rate: float = 0.0) -> PaperBroker:
-    return PaperBroker(
-        redis=state.client, prices=state, timeout_rate=timeout_rate, error_rate=error_rate
-    )
+    return PaperBroker(redis=state.client, timeout_rate=timeout_rate, error_rate=error_rate)
 
 
 @pytest.fixture(params=["paper", "metered-paper"])

@@ -16,7 +16,6 @@ import asyncio
 import os
 import sys
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from arq import create_pool
@@ -25,26 +24,14 @@ from redis.asyncio import Redis
 
 from server.brokers.base import Side
 from server.brokers.paper import PaperBroker
-from server.store import keys
 
 SYMBOL = "BURST"
-
-
-class _Prices:
-    """What the server's RedisState does for the paper broker: the last price:{symbol}."""
-
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-
-    async def last_price(self, symbol: str) -> Decimal | None:
-        raw = await self._redis.get(keys.price(symbol))
-        return Decimal(str(raw)) if raw else None
 
 
 async def startup(ctx: dict[str, Any]) -> None:
     redis = Redis.from_url(os.environ["ARQ_REDIS_URL"], decode_responses=True)
     ctx["broker_redis"] = redis
-    ctx["broker"] = PaperBroker(redis=redis, prices=_Prices(redis))
+    ctx["broker"] = PaperBroker(redis=redis)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:

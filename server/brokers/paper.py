@@ -13,8 +13,9 @@ import json
 import random
 import secrets
 import time
-from decimal import Decimal
-from typing import Any, Protocol, cast
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -28,8 +29,14 @@ from server.domain import format_decimal
 from server.store import keys, scripts
 
 
-class PriceSource(Protocol):
-    async def last_price(self, symbol: str) -> Decimal | None: ...
+@dataclass(slots=True)
+class _Placement:
+    client_order_id: str
+    symbol: str
+    side: Side
+    quantity: int
+    entered_ns: int
+    stored: asyncio.Future[str]
 
 
 class PaperBroker:
@@ -37,19 +44,20 @@ class PaperBroker:
         self,
         *,
         redis: Redis,
-        prices: PriceSource,
         latency_s: float = 0.0,
         timeout_rate: float = 0.0,
         error_rate: float = 0.0,
         rng: random.Random | None = None,
     ) -> None:
         self._redis = redis
-        self._prices = prices
         self._latency = latency_s
         self._timeout_rate = timeout_rate
         self._error_rate = error_rate
         self._rng = rng or random.Random()
         self._place = redis.register_script(scripts.PAPER_PLACE)
+        # Orders placed in one turn of the loop go to the book together (see _book).
+        self._waiting: list[_Placement] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     async def place_order(
         self, client_order_id: str, symbol: str, side: Side, quantity: int
@@ -60,26 +68,10 @@ class PaperBroker:
         await self._delay()
         if self._rng.random() < self._error_rate:
             raise AmbiguousBrokerError("paper broker: connection reset before the order")
-        price = await self._prices.last_price(symbol)
-        order = (
-            BrokerOrder(
-                client_order_id,
-                f"paper-{secrets.token_hex(8)}",
-                BrokerOrderStatus.FILLED,
-                price,
-            )
-            if price is not None
-            else BrokerOrder(
-                client_order_id, "", BrokerOrderStatus.REJECTED, reason=f"no price for {symbol}"
-            )
-        )
-        stored = await self._place(
-            keys=[keys.PAPER_ORDERS, keys.PAPER_LOG],
-            args=[client_order_id, _encode(order, symbol, side, quantity, entered_ns)],
-        )
+        stored = await self._book(client_order_id, symbol, side, quantity, entered_ns)
         if self._rng.random() < self._timeout_rate:
             raise AmbiguousBrokerError("paper broker: timed out after the order took effect")
-        return _decode(str(stored))
+        return _decode(stored)
 
     async def get_order(self, client_order_id: str) -> BrokerOrder | None:
         await self._delay()
@@ -89,6 +81,69 @@ class PaperBroker:
     async def _delay(self) -> None:
         if self._latency > 0:
             await asyncio.sleep(self._latency)
+
+    def _book(
+        self, client_order_id: str, symbol: str, side: Side, quantity: int, entered_ns: int
+    ) -> asyncio.Future[str]:
+        """The order as the book stores it. Orders placed in the same turn of the loop (the
+        engine places a batch side by side) are stored together, two round trips for all,
+        as a broker's basket API would take them; each still fills at the price when it
+        reaches the book and is deduped by its own client order id."""
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[str] = loop.create_future()
+        self._waiting.append(
+            _Placement(client_order_id, symbol, side, quantity, entered_ns, stored)
+        )
+        if len(self._waiting) == 1:
+            flush = loop.create_task(self._flush())
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+        return stored
+
+    async def _flush(self) -> None:
+        batch, self._waiting = self._waiting, []
+        try:
+            replies = await self._store(batch)
+        except Exception as exc:  # noqa: BLE001 - each caller gets what one call would have
+            for placement in batch:
+                if not placement.stored.done():
+                    placement.stored.set_exception(exc)
+            return
+        for placement, raw in zip(batch, replies, strict=True):
+            if not placement.stored.done():  # done: its caller gave up (a timeout)
+                placement.stored.set_result(str(raw))
+
+    async def _store(self, batch: list[_Placement]) -> list[Any]:
+        symbols = list(dict.fromkeys(placement.symbol for placement in batch))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for symbol in symbols:
+                pipe.get(keys.price(symbol))
+            prices = dict(zip(symbols, map(_price, await pipe.execute()), strict=True))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for p in batch:
+                order = _fill(p.client_order_id, p.symbol, prices[p.symbol])
+                stored = _encode(order, p.symbol, p.side, p.quantity, p.entered_ns)
+                args = [p.client_order_id, stored]
+                await self._place(keys=[keys.PAPER_ORDERS, keys.PAPER_LOG], args=args, client=pipe)
+            return list(await pipe.execute())
+
+
+def _price(raw: Any) -> Decimal | None:
+    try:
+        return Decimal(str(raw)) if raw is not None else None
+    except InvalidOperation:
+        return None
+
+
+def _fill(client_order_id: str, symbol: str, price: Decimal | None) -> BrokerOrder:
+    """A market order fills at the last price; with no price it is rejected."""
+    if price is None:
+        return BrokerOrder(
+            client_order_id, "", BrokerOrderStatus.REJECTED, reason=f"no price for {symbol}"
+        )
+    return BrokerOrder(
+        client_order_id, f"paper-{secrets.token_hex(8)}", BrokerOrderStatus.FILLED, price
+    )
 
 
 def _encode(order: BrokerOrder, symbol: str, side: Side, quantity: int, entered_ns: int) -> str:

@@ -311,17 +311,30 @@ class Database:
         """A strategy (by id alone: the engine acts for every tenant) and one of its orders,
         in one read; (None, None) when the strategy does not exist."""
         if self._hot_writer is not None:
-            values, order_values = await self._hot_writer.find(strategy_id, order_id)
-            if values is None:
-                return None, None
-            hot = StrategyRow.model_construct(**values)
-            hot_order = OrderRow.model_construct(**order_values) if order_values else None
-            return (_strategy(hot), _runtime(hot)), (_order(hot_order) if hot_order else None)
+            return (await self.find_many([(strategy_id, order_id)]))[0]
         async with AsyncSession(self._engine) as session:
             row = await session.get(StrategyRow, strategy_id)
             order = await session.get(OrderRow, order_id) if row is not None else None
         found = (_strategy(row), _runtime(row)) if row is not None else None
         return found, (_order(order) if order is not None else None)
+
+    async def find_many(
+        self, pairs: list[tuple[str, str]]
+    ) -> list[tuple[tuple[Strategy, Runtime] | None, Order | None]]:
+        """find_with_order() for many (strategy id, order id) pairs, in one read on SQLite."""
+        if self._hot_writer is None:
+            return [await self.find_with_order(sid, oid) for sid, oid in pairs]
+        found: list[tuple[tuple[Strategy, Runtime] | None, Order | None]] = []
+        for values, order_values in await self._hot_writer.find_many(pairs):
+            if values is None:
+                found.append((None, None))
+                continue
+            hot = StrategyRow.model_construct(**values)
+            hot_order = OrderRow.model_construct(**order_values) if order_values else None
+            found.append(
+                ((_strategy(hot), _runtime(hot)), _order(hot_order) if hot_order else None)
+            )
+        return found
 
     async def list_changed_since(self, since_us: int) -> list[tuple[Strategy, Runtime]]:
         """Every strategy whose runtime changed at or after `since_us`, live or not."""
@@ -354,12 +367,7 @@ class Database:
         """Commits orders (upserted by client order id) and the runtime together. The runtime
         is written only over the version just before it; False (nothing written) otherwise."""
         if self._hot_writer is not None:
-            return await self._hot_writer.save(
-                runtime.strategy_id if runtime is not None else "",
-                runtime.version - 1 if runtime is not None else None,
-                _runtime_values(runtime) if runtime is not None else None,
-                [_order_values(order, run) for order, run in orders],
-            )
+            return (await self.save_many([(runtime, orders)]))[0]
         # A plain connection: no ORM unit of work to flush; leaving without commit rolls back.
         async with self._engine.connect() as conn:
             if runtime is not None:
@@ -375,6 +383,25 @@ class Database:
                 await conn.execute(self._upsert_order(_order_values(order, run)))
             await conn.commit()
             return True
+
+    async def save_many(
+        self, changes: list[tuple[Runtime | None, list[tuple[Order, int]]]]
+    ) -> list[bool]:
+        """save() for many strategies: on SQLite one transaction, in which each change is
+        written only if its own version check holds (False for one that did not)."""
+        if self._hot_writer is None:
+            return [await self.save(runtime, orders) for runtime, orders in changes]
+        return await self._hot_writer.save_many(
+            [
+                (
+                    runtime.strategy_id if runtime is not None else "",
+                    runtime.version - 1 if runtime is not None else None,
+                    _runtime_values(runtime) if runtime is not None else None,
+                    [_order_values(order, run) for order, run in orders],
+                )
+                for runtime, orders in changes
+            ]
+        )
 
     def _upsert_order(self, values: dict[str, Any]) -> Any:
         """One INSERT .. ON CONFLICT DO UPDATE by client order id (PostgreSQL; SQLite's goes

@@ -12,8 +12,10 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from server.cancellation import cancel_requested
 from server.errors import Unavailable
@@ -68,6 +70,59 @@ class StrategyLocks:
                 await keeper
             with contextlib.suppress(Exception):
                 await self.release(strategy_id, token)
+
+    async def try_acquire_all(self, strategy_ids: list[str]) -> dict[str, str]:
+        """try_acquire() for many strategies in one round trip: the tokens of those taken."""
+        tokens = {strategy_id: secrets.token_hex(16) for strategy_id in strategy_ids}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for strategy_id, token in tokens.items():
+                pipe.set(keys.lock_state(strategy_id), token, nx=True, px=self._ttl_ms)
+            taken = await pipe.execute()
+        return {sid: token for (sid, token), ok in zip(tokens.items(), taken, strict=True) if ok}
+
+    async def release_all(self, tokens: dict[str, str]) -> None:
+        """release() for many locks in one round trip."""
+        await self._each(self._release, tokens, [])
+
+    async def extend_all(self, tokens: dict[str, str]) -> list[str]:
+        """extend() for many locks in one round trip; returns the strategies whose lock was
+        lost."""
+        kept = await self._each(self._extend, tokens, [self._ttl_ms])
+        return [sid for sid, ok in zip(tokens, kept, strict=True) if not ok]
+
+    async def _each(
+        self, script: AsyncScript, tokens: dict[str, str], extra: list[int]
+    ) -> list[Any]:
+        if not tokens:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for strategy_id, token in tokens.items():
+                await script(keys=[keys.lock_state(strategy_id)], args=[token, *extra], client=pipe)
+            return list(await pipe.execute())
+
+    @contextlib.asynccontextmanager
+    async def held_where_free(self, strategy_ids: list[str]) -> AsyncIterator[dict[str, str]]:
+        """Takes, without waiting, every lock that is free; holds them (extended every third
+        of the TTL) for the block; yields the tokens of the locks taken."""
+        tokens = await self.try_acquire_all(strategy_ids)
+        keeper = asyncio.create_task(self._keep_all(tokens))
+        try:
+            yield tokens
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            with contextlib.suppress(Exception):
+                await self.release_all(tokens)
+
+    async def _keep_all(self, tokens: dict[str, str]) -> None:
+        while not cancel_requested() and tokens:
+            await asyncio.sleep(self._ttl_ms / 3000)
+            try:
+                for strategy_id in await self.extend_all(tokens):
+                    log.error("lock on %s was lost while held", strategy_id)
+            except Exception as exc:  # noqa: BLE001 - keep trying while Redis is away
+                log.warning("could not extend %d locks: %s", len(tokens), exc)
 
     async def _keep(self, strategy_id: str, token: str) -> None:
         # Ends by cancellation; a cancel swallowed inside extend() must still end it, or

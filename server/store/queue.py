@@ -169,14 +169,15 @@ class OrderQueue:
             depths[name] = (int(length), int(pending["pending"]))
         return depths
 
-    async def take(self, block_ms: int) -> list[Delivery]:
-        """Up to one new entry from each stream, exits first; waits up to block_ms."""
+    async def take(
+        self, block_ms: int, count: int = 1, *, exits_only: bool = False
+    ) -> list[Delivery]:
+        """Up to `count` new entries from each stream (only the exits with `exits_only`),
+        exits first; waits up to block_ms."""
+        names = [keys.EXIT_QUEUE] if exits_only else [keys.EXIT_QUEUE, keys.ORDER_QUEUE]
+        streams: dict[Any, Any] = dict.fromkeys(names, ">")
         reply = await self._redis.xreadgroup(
-            keys.ENGINE_GROUP,
-            self.consumer,
-            {keys.EXIT_QUEUE: ">", keys.ORDER_QUEUE: ">"},
-            count=1,
-            block=block_ms,
+            keys.ENGINE_GROUP, self.consumer, streams, count=count, block=block_ms
         )
         taken = [
             Delivery(str(stream), str(entry_id), cast(dict[str, str], fields))
@@ -222,12 +223,35 @@ class OrderQueue:
             justid=True,
         )
 
+    async def touch_all(self, deliveries: list[Delivery]) -> None:
+        """touch() for many entries in one round trip."""
+        if not deliveries:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream, ids in _by_stream(deliveries).items():
+                pipe.xclaim(stream, keys.ENGINE_GROUP, self.consumer, 0, list(ids), justid=True)
+            await pipe.execute()
+
     async def ack(self, delivery: Delivery) -> None:
         """Done with the entry: acknowledged and removed, so the streams stay small."""
+        await self.ack_all([delivery])
+
+    async def ack_all(self, deliveries: list[Delivery]) -> None:
+        """ack() for many entries in one round trip."""
+        if not deliveries:
+            return
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(delivery.stream, keys.ENGINE_GROUP, delivery.entry_id)
-            pipe.xdel(delivery.stream, delivery.entry_id)
+            for stream, ids in _by_stream(deliveries).items():
+                pipe.xack(stream, keys.ENGINE_GROUP, *ids)
+                pipe.xdel(stream, *ids)
             await pipe.execute()
+
+
+def _by_stream(deliveries: list[Delivery]) -> dict[str, list[Any]]:
+    grouped: dict[str, list[Any]] = {}
+    for delivery in deliveries:
+        grouped.setdefault(delivery.stream, []).append(delivery.entry_id)
+    return grouped
 
 
 def _script_args(event: OrderEvent) -> tuple[list[str], list[str | int]]:

@@ -30,6 +30,11 @@ _Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
 
 _BUSY_TIMEOUT_S = 10.0
 
+# (strategy id, runtime version it must replace or None, runtime columns or None, order rows)
+_SaveItem = tuple[str, int | None, dict[str, Any] | None, list[dict[str, Any]]]
+# (strategy row, order row): column dicts, None when absent
+_Found = tuple[dict[str, Any] | None, dict[str, Any] | None]
+
 
 class SqliteWriter:
     def __init__(self, path: str, *, strategies: str, orders: str) -> None:
@@ -57,11 +62,14 @@ class SqliteWriter:
         job = partial(self._save, strategy_id, previous, runtime, orders, inserts or [])
         return await self._call(job)
 
-    async def find(
-        self, strategy_id: str, order_id: str
-    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """The strategy's row and the order's row (None when absent), as column dicts."""
-        return await self._call(partial(self._find, strategy_id, order_id))
+    async def save_many(self, items: list[_SaveItem]) -> list[bool]:
+        """save() for many strategies in one transaction, each with its own version check:
+        an item whose stored version is not its `previous` writes nothing and gets False."""
+        return await self._call(partial(self._save_many, items))
+
+    async def find_many(self, pairs: list[tuple[str, str]]) -> list[_Found]:
+        """find() for many (strategy id, order id) pairs in one hop."""
+        return await self._call(partial(self._find_many, pairs))
 
     async def insert(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
         """(table, column values) rows in one transaction; sqlite3.IntegrityError when a key
@@ -137,35 +145,68 @@ class SqliteWriter:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if runtime is not None and previous is not None:
-                columns = tuple(runtime)
-                params = {**runtime, "_id": strategy_id, "_previous": previous}
-                cursor = conn.execute(_update_sql(self._strategies, columns), params)
-                if cursor.rowcount != 1:
-                    conn.execute("ROLLBACK")
-                    return False
-            for values in orders:
-                conn.execute(_upsert_sql(self._orders, tuple(values)), values)
-            for table, values in inserts:
-                conn.execute(_insert_sql(table, tuple(values)), values)
-            conn.execute("COMMIT")
-            return True
+            saved = self._write(conn, strategy_id, previous, runtime, orders, inserts)
+            conn.execute("COMMIT" if saved else "ROLLBACK")
+            return saved
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
 
-    def _find(
-        self, strategy_id: str, order_id: str
-    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    def _write(
+        self,
+        conn: sqlite3.Connection,
+        strategy_id: str,
+        previous: int | None,
+        runtime: dict[str, Any] | None,
+        orders: list[dict[str, Any]],
+        inserts: list[tuple[str, dict[str, Any]]],
+    ) -> bool:
+        """Inside a transaction: False, with nothing written, when the version check fails
+        (the runtime's UPDATE is the first write, and it matched no row)."""
+        if runtime is not None and previous is not None:
+            params = {**runtime, "_id": strategy_id, "_previous": previous}
+            cursor = conn.execute(_update_sql(self._strategies, tuple(runtime)), params)
+            if cursor.rowcount != 1:
+                return False
+        for values in orders:
+            conn.execute(_upsert_sql(self._orders, tuple(values)), values)
+        for table, values in inserts:
+            conn.execute(_insert_sql(table, tuple(values)), values)
+        return True
+
+    def _save_many(self, items: list[_SaveItem]) -> list[bool]:
         conn = self._connection()
-        strategy = conn.execute(
-            f'SELECT * FROM "{self._strategies}" WHERE id = ?', (strategy_id,)
-        ).fetchone()
-        if strategy is None:
-            return None, None
-        order = conn.execute(f'SELECT * FROM "{self._orders}" WHERE id = ?', (order_id,)).fetchone()
-        return dict(strategy), (dict(order) if order is not None else None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            saved = [self._write(conn, *item, []) for item in items]
+            conn.execute("COMMIT")
+            return saved
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _find_many(self, pairs: list[tuple[str, str]]) -> list[_Found]:
+        conn = self._connection()
+        strategies = self._rows_by_id(conn, self._strategies, [sid for sid, _ in pairs])
+        orders = self._rows_by_id(conn, self._orders, [oid for _, oid in pairs])
+        return [
+            (strategies[sid], orders.get(oid)) if sid in strategies else (None, None)
+            for sid, oid in pairs
+        ]
+
+    @staticmethod
+    def _rows_by_id(
+        conn: sqlite3.Connection, table: str, ids: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), 500):  # under SQLite's bound on query parameters
+            part = ids[start : start + 500]
+            marks = ", ".join("?" * len(part))
+            for row in conn.execute(f'SELECT * FROM "{table}" WHERE id IN ({marks})', part):
+                rows[row["id"]] = dict(row)
+        return rows
 
     def _insert(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
         conn = self._connection()

@@ -93,20 +93,37 @@ class RedisState:
         """Writes the runtime (and the strategy's config when given) unless Redis already
         holds this version or a newer one, then keeps the symbol's live set in step.
         Returns whether this snapshot was written."""
-        strategy_fields = _pairs(strategy_config(strategy)) if strategy else []
-        args: list[Any] = [runtime.version, len(strategy_fields) // 2, *strategy_fields]
-        args.extend(_pairs(runtime_to_flat(runtime)))
-        written = await self._apply(
-            keys=[keys.strategy(runtime.strategy_id), keys.runtime(runtime.strategy_id)],
-            args=args,
-        )
+        written = await self._apply(*_apply_args(runtime, strategy))
         if written:
-            live_set = keys.symbol_strategies(runtime.symbol)
-            if runtime.status.live:
-                await self._redis.sadd(live_set, runtime.strategy_id)
-            else:
-                await self._redis.srem(live_set, runtime.strategy_id)
+            await _update_live_set(self._redis, runtime)
         return bool(written)
+
+    async def put_runtimes(
+        self, runtimes: list[Runtime], *, events_before: list[tuple[StreamKind, str, Flat]]
+    ) -> list[bool]:
+        """Appends `events_before`, then put_runtime() for each runtime, in one round trip
+        (the live sets are kept in step by `put_written`). Returns which were written."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for kind, tenant, fields in events_before:
+                self._append(pipe, kind, tenant, fields)
+            for runtime in runtimes:
+                await self._apply(*_apply_args(runtime, None), client=pipe)
+            replies = await pipe.execute()
+        return [bool(written) for written in replies[len(events_before) :]]
+
+    async def put_written(
+        self, written: list[Runtime], *, events_after: list[tuple[StreamKind, str, Flat]]
+    ) -> None:
+        """After put_runtimes(): the live sets of the runtimes it wrote, then `events_after`,
+        in one round trip."""
+        if not written and not events_after:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for runtime in written:
+                await _update_live_set(pipe, runtime)
+            for kind, tenant, fields in events_after:
+                self._append(pipe, kind, tenant, fields)
+            await pipe.execute()
 
     async def get_runtime(self, strategy_id: str) -> Runtime | None:
         flat = cast(Flat, await self._redis.hgetall(keys.runtime(strategy_id)))
@@ -122,13 +139,15 @@ class RedisState:
 
     async def append_event(self, kind: StreamKind, tenant: str, fields: Flat) -> str:
         """Appends one event to the tenant's stream; returns its id (the resume token)."""
-        event_id = await self._redis.xadd(
+        return str(await self._append(self._redis, kind, tenant, fields))
+
+    def _append(self, client: Redis, kind: StreamKind, tenant: str, fields: Flat) -> Any:
+        return client.xadd(
             keys.event_stream(kind, tenant),
             cast(dict[Any, Any], fields),
             maxlen=self._maxlen,
             approximate=True,
         )
-        return str(event_id)
 
     async def stream_bounds(self, kind: StreamKind, tenant: str) -> StreamBounds:
         try:
@@ -160,6 +179,21 @@ class RedisState:
                 if event_id is not None:
                     events.append((event_id, fields))
         return events
+
+
+def _apply_args(runtime: Runtime, strategy: Strategy | None) -> tuple[list[str], list[Any]]:
+    strategy_fields = _pairs(strategy_config(strategy)) if strategy else []
+    args: list[Any] = [runtime.version, len(strategy_fields) // 2, *strategy_fields]
+    args.extend(_pairs(runtime_to_flat(runtime)))
+    return [keys.strategy(runtime.strategy_id), keys.runtime(runtime.strategy_id)], args
+
+
+async def _update_live_set(client: Redis, runtime: Runtime) -> Any:
+    """The symbol's live set follows a written runtime (on a pipeline: queued only)."""
+    live_set = keys.symbol_strategies(runtime.symbol)
+    if runtime.status.live:
+        return await client.sadd(live_set, runtime.strategy_id)
+    return await client.srem(live_set, runtime.strategy_id)
 
 
 def _pairs(flat: Flat) -> list[str]:

@@ -50,9 +50,36 @@ class StopLossIndex:
         entry = member(strategy_id, stop_loss)
         return await self._run(symbol, "", "", entry, repr(float(stop_loss)))
 
+    async def arm_and_recheck_all(
+        self, armed: list[tuple[str, str, Decimal]]
+    ) -> list[tuple[str, list[str]]]:
+        """arm_and_recheck() for many (symbol, strategy id, stop-loss) in one round trip;
+        returns (symbol, the strategies that fired on it) where any did."""
+        if not armed:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for symbol, strategy_id, stop_loss in armed:
+                entry = member(strategy_id, stop_loss)
+                args = ["", "", entry, repr(float(stop_loss))]
+                await self._trigger(keys=_keys(symbol), args=args, client=pipe)
+            replies = await pipe.execute()
+        return [
+            (symbol, [str(strategy_id) for strategy_id in fired])
+            for (symbol, _, _), fired in zip(armed, replies, strict=True)
+            if fired
+        ]
+
+    async def disarm_all(self, armed: list[tuple[str, str, Decimal]]) -> None:
+        """disarm() for many (symbol, strategy id, stop-loss) in one round trip."""
+        if not armed:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for symbol, strategy_id, stop_loss in armed:
+                pipe.zrem(keys.stoploss_armed(symbol), member(strategy_id, stop_loss))
+            await pipe.execute()
+
     async def _run(self, symbol: str, *args: str) -> list[str]:
-        keys_ = [keys.price(symbol), keys.stoploss_armed(symbol), keys.stoploss_fired(symbol)]
-        fired = await self._trigger(keys=keys_, args=list(args))
+        fired = await self._trigger(keys=_keys(symbol), args=list(args))
         return [str(strategy_id) for strategy_id in fired]
 
     async def fired(self, symbol: str) -> list[str]:
@@ -78,3 +105,8 @@ class StopLossIndex:
     async def armed_ids(self, symbol: str) -> list[str]:
         members = await self._redis.zrange(keys.stoploss_armed(symbol), 0, -1)
         return [str(m).split(":", 1)[1] for m in members]
+
+
+def _keys(symbol: str) -> list[str]:
+    """The trigger script's keys for a symbol."""
+    return [keys.price(symbol), keys.stoploss_armed(symbol), keys.stoploss_fired(symbol)]

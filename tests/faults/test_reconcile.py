@@ -37,9 +37,7 @@ async def test_an_unknown_order_found_at_the_broker_is_recorded_without_a_restar
             order = Order(order_id, "tenant-a", sid, "SBIN", OrderKind.BUY, OrderStatus.UNKNOWN,
                           10, 3, past, past, error="outcome unknown")  # fmt: skip
             assert await db.save(order_submitted(runtime, Intent.BUY, order_id, past), [(order, 1)])
-            await PaperBroker(redis=state.client, prices=state).place_order(
-                order_id, "SBIN", Side.BUY, 10
-            )
+            await PaperBroker(redis=state.client).place_order(order_id, "SBIN", Side.BUY, 10)
 
             async def settled() -> bool:
                 orders = await orders_of(h, sid)
