@@ -115,6 +115,7 @@ class ExecutionEngine:
         # Workers waiting in XREADGROUP hold nothing yet; stop() cancels them at once.
         self._idle: set[asyncio.Task[None]] = set()
         self._busy = asyncio.Semaphore(config.concurrency)
+        self._beside_tasks: set[asyncio.Task[None]] = set()
         self._lane = BatchLane(
             engine=self,
             queue=queue,
@@ -146,7 +147,7 @@ class ExecutionEngine:
             return
         for task in [*self._idle, self._tasks[-1]]:  # idle workers and the reaper
             task.cancel()
-        _, running = await asyncio.wait(self._tasks, timeout=grace_s)
+        _, running = await asyncio.wait([*self._tasks, *self._beside_tasks], timeout=grace_s)
         for task in running:
             task.cancel()
         for task in running:
@@ -172,8 +173,28 @@ class ExecutionEngine:
                 continue
             finally:
                 self._idle.discard(me)
-            careful = await self._lane.run(deliveries)
-            await asyncio.gather(*(self._carefully(delivery) for delivery in careful))
+            try:
+                careful = await self._lane.run(deliveries)
+            except Exception as exc:  # noqa: BLE001 - Redis away before the batch began
+                log.warning("a batch of %d events failed (%s)", len(deliveries), exc)
+                careful = deliveries  # each alone: the per-event path retries
+            for delivery in careful:
+                await self._beside(delivery)
+
+    async def _beside(self, delivery: Delivery) -> None:
+        """Runs the event on the per-event path beside the worker, which goes on reading:
+        an event waiting for its strategy's lock (or a SELL for its BUY) must not hold up
+        the events behind it. At most `concurrency` at once; past that the worker waits."""
+        await self._busy.acquire()
+        task = asyncio.create_task(self._handle_and_release(delivery))
+        self._beside_tasks.add(task)
+        task.add_done_callback(self._beside_tasks.discard)
+
+    async def _handle_and_release(self, delivery: Delivery) -> None:
+        try:
+            await self.handle(delivery)
+        finally:
+            self._busy.release()
 
     async def _carefully(self, delivery: Delivery) -> None:
         async with self._busy:

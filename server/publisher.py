@@ -37,4 +37,6 @@ class Publisher:
         written = await self._state.put_runtimes(runtimes, events_before=orders)
         fresh = [runtime for runtime, new in zip(runtimes, written, strict=True) if new]
         events: list[Event] = [("runtime", r.tenant, runtime_to_flat(r)) for r in fresh]
+        # Every write keeps the live set in step, also live to live: after a Redis wipe the
+        # first write of a runtime may be this one, and recovery's older snapshot then loses.
         await self._state.put_written(fresh, events_after=events)

@@ -7,13 +7,14 @@ so two replicas are safe and either one firing is enough.
 There is one APScheduler job per distinct instant, not per strategy: APScheduler runs due jobs
 one by one, so 10,000 strategies with the same buy_time as 10,000 jobs would reach the queue
 one round trip at a time. One job per instant enqueues everything due then in pipelined
-chunks.
+chunks (the queue's enqueue-once script, `_CHUNK` calls per round trip).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -136,13 +137,12 @@ class Scheduler:
         for timer in timers:
             self._timers.pop((timer.strategy_id, timer.intent), None)
         fired_at = to_micros(self._clock.now())
-        # The first few go out before anything is done for the rest: building the events of
-        # a 10,000-strategy burst alone would otherwise delay the first order by milliseconds.
-        for part in (timers[:_HEAD], timers[_HEAD:]):
-            if part:
-                await self._enqueue(part, fired_at)
-        for timer in timers:
-            self._metrics.timer_fired(timer.intent, (fired_at - due_us) / 1_000_000)
+        # Chunk by chunk, the first one small: each chunk's events are built, sent (one round
+        # trip) and counted before the next is built, so the engine starts on the first
+        # orders while the rest of a 10,000-strategy burst is still being prepared.
+        bounds = [0, *range(min(_FIRST_CHUNK, len(timers)), len(timers), _CHUNK), len(timers)]
+        for start, end in itertools.pairwise(bounds):
+            await self._enqueue(timers[start:end], fired_at)
 
     async def _enqueue(self, timers: list[_Timer], fired_at: int) -> None:
         events = [
@@ -159,12 +159,14 @@ class Scheduler:
         ]
         queued = await self._queue.enqueue_all(events)
         for timer, ok in zip(timers, queued, strict=True):
+            self._metrics.timer_fired(timer.intent, (fired_at - timer.due_us) / 1_000_000)
             if ok:
                 self._fired.add((timer.strategy_id, timer.run, timer.intent))
         # Not queued: not marked fired, so the next sync sets the timer again and it refires.
 
 
-_HEAD = 16
+_FIRST_CHUNK = 16
+_CHUNK = 256
 
 
 def _job_id(due_us: int) -> str:

@@ -9,7 +9,6 @@ looping. Lists would need a processing list per worker and a hand-written reaper
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, cast
@@ -103,32 +102,26 @@ class OrderQueue:
         entry = await self._enqueue(*_script_args(event))
         return str(entry) if entry else None
 
-    async def enqueue_all(
-        self, events: list[OrderEvent], *, chunk: int = 256, first: int = 16, attempts: int = 20
-    ) -> list[bool]:
-        """Many events (a burst of timers due at one instant), `chunk` per round trip after a
-        small `first` one; like enqueue_retrying, per event. Chunks keep the first events
-        moving to the engine while the rest are still being sent."""
+    async def enqueue_all(self, events: list[OrderEvent], *, attempts: int = 20) -> list[bool]:
+        """Many events (a chunk of a burst of timers due at one instant) in one round trip;
+        like enqueue_retrying, per event: True for each event now in the queue."""
         done = [False] * len(events)
-        bounds = [0, *range(min(first, len(events)), len(events), chunk), len(events)]
-        for start, end in itertools.pairwise(bounds):
-            part = range(start, end)
-            for attempt in range(attempts):
-                todo = [n for n in part if not done[n]]
-                if not todo:
-                    break
-                try:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for n in todo:
-                            await self._enqueue(*_script_args(events[n]), client=pipe)
-                        replies = await pipe.execute(raise_on_error=False)
-                except Exception as exc:  # noqa: BLE001 - Redis away: retry, the script dedupes
-                    log.warning("enqueue of %d events failed (%s); retrying", len(todo), exc)
-                    replies = [exc] * len(todo)
-                for n, reply in zip(todo, replies, strict=True):
-                    done[n] = not isinstance(reply, Exception)
-                if not all(done[n] for n in part):
-                    await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+        for attempt in range(attempts):
+            todo = [n for n in range(len(events)) if not done[n]]
+            if not todo:
+                break
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for n in todo:
+                        await self._enqueue(*_script_args(events[n]), client=pipe)
+                    replies = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # noqa: BLE001 - Redis away: retry, the script dedupes
+                log.warning("enqueue of %d events failed (%s); retrying", len(todo), exc)
+                replies = [exc] * len(todo)
+            for n, reply in zip(todo, replies, strict=True):
+                done[n] = not isinstance(reply, Exception)
+            if not all(done):
+                await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
         if not all(done):
             log.error("could not enqueue %d of %d events", done.count(False), len(events))
         return done
