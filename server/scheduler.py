@@ -166,7 +166,7 @@ class Scheduler:
 
 
 _FIRST_CHUNK = 16
-_CHUNK = 256
+_CHUNK = 64
 
 
 def _job_id(due_us: int) -> str:

@@ -27,6 +27,7 @@ from server.brokers.base import (
 )
 from server.domain import format_decimal
 from server.store import keys, scripts
+from server.store.connection import execute
 
 
 @dataclass(slots=True)
@@ -118,14 +119,14 @@ class PaperBroker:
         async with self._redis.pipeline(transaction=False) as pipe:
             for symbol in symbols:
                 pipe.get(keys.price(symbol))
-            prices = dict(zip(symbols, map(_price, await pipe.execute()), strict=True))
+            prices = dict(zip(symbols, map(_price, await execute(pipe)), strict=True))
         async with self._redis.pipeline(transaction=False) as pipe:
             for p in batch:
                 order = _fill(p.client_order_id, p.symbol, prices[p.symbol])
                 stored = _encode(order, p.symbol, p.side, p.quantity, p.entered_ns)
                 args = [p.client_order_id, stored]
                 await self._place(keys=[keys.PAPER_ORDERS, keys.PAPER_LOG], args=args, client=pipe)
-            return list(await pipe.execute())
+            return list(await execute(pipe))
 
 
 def _price(raw: Any) -> Decimal | None:

@@ -20,6 +20,7 @@ from redis.commands.core import AsyncScript
 from server.cancellation import cancel_requested
 from server.errors import Unavailable
 from server.store import keys, scripts
+from server.store.connection import execute
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,14 @@ class StrategyLocks:
 
     async def try_acquire_all(self, strategy_ids: list[str]) -> dict[str, str]:
         """try_acquire() for many strategies in one round trip: the tokens of those taken."""
-        tokens = {strategy_id: secrets.token_hex(16) for strategy_id in strategy_ids}
+        # One random part for the batch: a token must be unique to its holder, and an
+        # os.urandom call per lock was a visible share of a burst.
+        batch = secrets.token_hex(16)
+        tokens = {sid: f"{batch}:{n}" for n, sid in enumerate(strategy_ids)}
         async with self._redis.pipeline(transaction=False) as pipe:
             for strategy_id, token in tokens.items():
                 pipe.set(keys.lock_state(strategy_id), token, nx=True, px=self._ttl_ms)
-            taken = await pipe.execute()
+            taken = await execute(pipe)
         return {sid: token for (sid, token), ok in zip(tokens.items(), taken, strict=True) if ok}
 
     async def release_all(self, tokens: dict[str, str]) -> None:
@@ -98,7 +102,7 @@ class StrategyLocks:
         async with self._redis.pipeline(transaction=False) as pipe:
             for strategy_id, token in tokens.items():
                 await script(keys=[keys.lock_state(strategy_id)], args=[token, *extra], client=pipe)
-            return list(await pipe.execute())
+            return list(await execute(pipe))
 
     @contextlib.asynccontextmanager
     async def held_where_free(self, strategy_ids: list[str]) -> AsyncIterator[dict[str, str]]:

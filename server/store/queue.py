@@ -18,6 +18,7 @@ from redis.exceptions import ResponseError
 
 from server.domain import Intent
 from server.store import keys, scripts
+from server.store.connection import execute
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class OrderQueue:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for n in todo:
                         await self._enqueue(*_script_args(events[n]), client=pipe)
-                    replies = await pipe.execute(raise_on_error=False)
+                    replies = await execute(pipe, raise_on_error=False)
             except Exception as exc:  # noqa: BLE001 - Redis away: retry, the script dedupes
                 log.warning("enqueue of %d events failed (%s); retrying", len(todo), exc)
                 replies = [exc] * len(todo)
@@ -149,7 +150,7 @@ class OrderQueue:
             for stream in QUEUE_NAMES:
                 pipe.xlen(stream)
                 pipe.xpending(stream, keys.ENGINE_GROUP)
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await execute(pipe, raise_on_error=False)
         depths: dict[str, tuple[int, int]] = {}
         for n, name in enumerate(QUEUE_NAMES.values()):
             length, pending = replies[2 * n], replies[2 * n + 1]
@@ -223,7 +224,7 @@ class OrderQueue:
         async with self._redis.pipeline(transaction=False) as pipe:
             for stream, ids in _by_stream(deliveries).items():
                 pipe.xclaim(stream, keys.ENGINE_GROUP, self.consumer, 0, list(ids), justid=True)
-            await pipe.execute()
+            await execute(pipe)
 
     async def ack(self, delivery: Delivery) -> None:
         """Done with the entry: acknowledged and removed, so the streams stay small."""
@@ -237,7 +238,7 @@ class OrderQueue:
             for stream, ids in _by_stream(deliveries).items():
                 pipe.xack(stream, keys.ENGINE_GROUP, *ids)
                 pipe.xdel(stream, *ids)
-            await pipe.execute()
+            await execute(pipe)
 
 
 def _by_stream(deliveries: list[Delivery]) -> dict[str, list[Any]]:

@@ -7,12 +7,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.connection import HiredisRespSerializer
 from redis.exceptions import ResponseError
-from redis.utils import HIREDIS_AVAILABLE
 
 from server.domain import Runtime, Strategy
 from server.store import keys, scripts
@@ -22,6 +19,7 @@ from server.store.codec import (
     runtime_to_flat,
     strategy_config,
 )
+from server.store.connection import execute, faster
 from server.store.keys import StreamKind
 
 StreamId = tuple[int, int]
@@ -67,32 +65,8 @@ def connect(url: str, *, timeout_s: float, max_connections: int = 512) -> Redis:
         max_connections=max_connections,
         timeout=timeout_s,
     )
-    if HIREDIS_AVAILABLE:
-        pool.connection_class = _packing_with_hiredis(pool.connection_class)
+    pool.connection_class = faster(pool.connection_class)
     return Redis.from_pool(pool)
-
-
-class _HiredisPacking:
-    """redis-py's sync connections pack commands with hiredis (in C) when it is installed;
-    its asyncio connections pack them in Python, byte string by byte string, which was a
-    quarter of the event loop under a burst of orders (every runtime published is dozens of
-    arguments). Same packer as the sync client, so the bytes on the wire are the same."""
-
-    _packer = HiredisRespSerializer()
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        return cast(list[bytes], self._packer.pack(*args))
-
-
-_WITH_HIREDIS: dict[str, type[AbstractConnection]] = {}
-
-
-def _packing_with_hiredis(base: type[AbstractConnection]) -> type[AbstractConnection]:
-    """The pool's connection class (TCP, unix socket or TLS, as the URL says), packing with
-    hiredis; one class per base."""
-    if base.__name__ not in _WITH_HIREDIS:
-        _WITH_HIREDIS[base.__name__] = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
-    return _WITH_HIREDIS[base.__name__]
 
 
 class RedisState:
@@ -136,7 +110,7 @@ class RedisState:
                 self._append(pipe, kind, tenant, fields)
             for runtime in runtimes:
                 await self._apply(*_apply_args(runtime, None), client=pipe)
-            replies = await pipe.execute()
+            replies = await execute(pipe)
         return [bool(written) for written in replies[len(events_before) :]]
 
     async def put_written(
@@ -151,7 +125,7 @@ class RedisState:
                 await _update_live_set(pipe, runtime)
             for kind, tenant, fields in events_after:
                 self._append(pipe, kind, tenant, fields)
-            await pipe.execute()
+            await execute(pipe)
 
     async def get_runtime(self, strategy_id: str) -> Runtime | None:
         flat = cast(Flat, await self._redis.hgetall(keys.runtime(strategy_id)))

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from server.domain import format_decimal
 from server.store import keys, scripts
+from server.store.connection import execute
 
 
 def padded(value: Decimal) -> str:
@@ -62,7 +63,7 @@ class StopLossIndex:
                 entry = member(strategy_id, stop_loss)
                 args = ["", "", entry, repr(float(stop_loss))]
                 await self._trigger(keys=_keys(symbol), args=args, client=pipe)
-            replies = await pipe.execute()
+            replies = await execute(pipe)
         return [
             (symbol, [str(strategy_id) for strategy_id in fired])
             for (symbol, _, _), fired in zip(armed, replies, strict=True)
@@ -76,7 +77,7 @@ class StopLossIndex:
         async with self._redis.pipeline(transaction=False) as pipe:
             for symbol, strategy_id, stop_loss in armed:
                 pipe.zrem(keys.stoploss_armed(symbol), member(strategy_id, stop_loss))
-            await pipe.execute()
+            await execute(pipe)
 
     async def _run(self, symbol: str, *args: str) -> list[str]:
         fired = await self._trigger(keys=_keys(symbol), args=list(args))
@@ -99,7 +100,7 @@ class StopLossIndex:
         async with self._redis.pipeline(transaction=False) as pipe:
             for symbol in symbols:
                 pipe.zcard(keys.stoploss_armed(symbol))
-            counts = await pipe.execute()
+            counts = await execute(pipe)
         return sum(int(count) for count in counts)
 
     async def armed_ids(self, symbol: str) -> list[str]:
