@@ -103,6 +103,9 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str, fmt: LogFormat, stream: TextIO | None = None) -> logging.Handler:
     """Sends every logger's records to `stream` (stderr) in the chosen format; replaces the
     handler an earlier call installed. Returns the handler."""
+    # Neither format shows them, and looking them up for every record (the multiprocessing
+    # process name above all) was a visible share of each StartStrategy.
+    logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

@@ -17,8 +17,11 @@ class Publisher:
     async def runtime(self, runtime: Runtime, strategy: Strategy | None = None) -> None:
         """Redis follows the committed DB state; the event goes out only when this snapshot
         is the newest Redis has seen, so a stream never shows an older state last."""
-        if await self._state.put_runtime(runtime, strategy):
-            await self._state.append_event("runtime", runtime.tenant, runtime_to_flat(runtime))
+        config = [strategy] if strategy is not None else None
+        [written] = await self._state.put_runtimes([runtime], events_before=[], strategies=config)
+        if written:
+            event: Event = ("runtime", runtime.tenant, runtime_to_flat(runtime))
+            await self._state.put_written([runtime], events_after=[event])
 
     async def notice(self, runtime: Runtime) -> None:
         """An event that carries news but no new state (Redis keeps no notice)."""

@@ -4,28 +4,29 @@ Nothing else: the engine does the work. Every replica keeps timers for every liv
 (`sync` reloads them), and the queue's enqueue-once script makes a double firing one event,
 so two replicas are safe and either one firing is enough.
 
-There is one APScheduler job per distinct instant, not per strategy: APScheduler runs due jobs
-one by one, so 10,000 strategies with the same buy_time as 10,000 jobs would reach the queue
-one round trip at a time. One job per instant enqueues everything due then in pipelined
-chunks (the queue's enqueue-once script, `_CHUNK` calls per round trip).
+APScheduler holds one job: the next wake-up. The instants with timers are a heap here, and
+each wake-up fires every instant due, then re-arms for the next. A job per strategy would have
+APScheduler run 10,000 jobs one by one for 10,000 strategies with the same buy_time, one
+round trip each; a job per instant made every StartStrategy pay for an APScheduler job (a
+third of its time). Everything due at an instant is enqueued in pipelined chunks (the queue's
+enqueue-once script, `_CHUNK` calls per round trip).
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
+import heapq
 import itertools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from server.clock import Clock
 from server.domain import Intent, Position, Runtime, Strategy, StrategyStatus, client_order_id
 from server.metrics import Metrics
-from server.store.codec import to_micros
+from server.store.codec import from_micros, to_micros
 from server.store.queue import OrderEvent, OrderQueue
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,16 @@ class Scheduler:
         # the engine, not the timer, decides whether a late BUY may still be placed.
         self._aps = AsyncIOScheduler(
             timezone=UTC,
-            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+            # A wake-up may be re-armed while the last one still enqueues: both must run.
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 64},
         )
         self._fired: set[tuple[str, int, Intent]] = set()
         self._timers: dict[_Key, _Timer] = {}
         self._instants: dict[int, dict[_Key, _Timer]] = {}
+        # Every instant with timers (and some whose timers were cancelled), earliest first;
+        # APScheduler holds one job, for the earliest (_next_us).
+        self._heap: list[int] = []
+        self._next_us: int | None = None
 
     def start(self) -> None:
         self._aps.start()
@@ -105,17 +111,9 @@ class Scheduler:
         instant = self._instants.get(timer.due_us)
         if instant is None:
             instant = self._instants[timer.due_us] = {}
-            # In an empty context: APScheduler's timer would otherwise inherit the caller's
-            # (an RPC's log fields), and a job firing for many tenants would log as one.
-            contextvars.Context().run(
-                self._aps.add_job,
-                self._fire,
-                trigger="date",
-                run_date=due,
-                id=_job_id(timer.due_us),
-                replace_existing=True,
-                args=[timer.due_us],
-            )
+            heapq.heappush(self._heap, timer.due_us)
+            if self._next_us is None or timer.due_us < self._next_us:
+                self._arm(timer.due_us)
         instant[key] = timer
 
     def _remove(self, key: _Key) -> None:
@@ -126,10 +124,40 @@ class Scheduler:
         if instant is None:
             return
         instant.pop(key, None)
-        if not instant:
+        if not instant:  # its heap entry stays; _wake skips instants with nothing left
             del self._instants[timer.due_us]
-            with contextlib.suppress(JobLookupError):
-                self._aps.remove_job(_job_id(timer.due_us))
+
+    def _arm(self, due_us: int) -> None:
+        """Sets the one APScheduler job to wake at `due_us`."""
+        self._next_us = due_us
+        # In an empty context: APScheduler's timer would otherwise inherit the caller's
+        # (an RPC's log fields), and a job firing for many tenants would log as one.
+        contextvars.Context().run(
+            self._aps.add_job,
+            self._wake,
+            trigger="date",
+            run_date=from_micros(due_us),
+            id=_WAKE_JOB,
+            replace_existing=True,
+        )
+
+    async def _wake(self) -> None:
+        """Fires every instant now due, earliest first, after arming the next wake-up.
+        The due instants are taken before the first await, so a wake-up re-armed while
+        this one is still enqueueing never fires one of them twice."""
+        self._next_us = None
+        now_us = to_micros(self._clock.now())
+        due: list[int] = []
+        while self._heap and self._heap[0] <= now_us:
+            instant = heapq.heappop(self._heap)
+            if instant in self._instants and (not due or due[-1] != instant):
+                due.append(instant)
+        while self._heap and self._heap[0] not in self._instants:
+            heapq.heappop(self._heap)  # instants whose timers were all cancelled
+        if self._heap:
+            self._arm(self._heap[0])
+        for instant in due:
+            await self._fire(instant)
 
     async def _fire(self, due_us: int) -> None:
         """Everything due at this instant, in one burst."""
@@ -169,5 +197,4 @@ _FIRST_CHUNK = 16
 _CHUNK = 64
 
 
-def _job_id(due_us: int) -> str:
-    return f"at:{due_us}"
+_WAKE_JOB = "wake"

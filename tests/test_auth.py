@@ -377,3 +377,22 @@ def test_token_command_rejects_a_bad_ttl_in_one_line(tmp_path: Path, ttl: str) -
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "ttl" in lines[0]
+
+
+async def test_a_token_verified_before_still_expires_on_time() -> None:
+    """Verified tokens are remembered (no signature check per call), never past their exp."""
+    from server.api.auth import TokenVerifier, mint_token
+    from server.errors import Unauthenticated
+
+    verifier = TokenVerifier(SECRET)
+    now = datetime.now(UTC)
+    short = mint_token(SECRET, "tenant-a", timedelta(seconds=1), now.replace(microsecond=0))
+    assert verifier.tenant_of(f"Bearer {short}") == "tenant-a"
+    assert verifier.tenant_of(f"Bearer {short}") == "tenant-a"  # remembered
+    forged = mint_token("x" * 40, "tenant-a", timedelta(hours=1), now)
+    for _ in range(2):  # a bad signature is checked every time, never remembered
+        with pytest.raises(Unauthenticated, match="invalid token"):
+            verifier.tenant_of(f"Bearer {forged}")
+    await asyncio.sleep(max(0.0, 1.05 - (datetime.now(UTC) - now).total_seconds()))
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.tenant_of(f"Bearer {short}")

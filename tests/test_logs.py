@@ -131,7 +131,7 @@ async def test_a_served_run_logs_its_ids_and_never_a_token_or_the_secret(
     assert rejected["order_id"] == f"{sid}-1-buy"
     assert re.fullmatch(r"\d+-\d+", rejected["event_id"])  # the queue entry it came from
     # A timer fires for every tenant due at its instant: it carries none of the RPC's fields.
-    fired = [e for e in entries if e["message"].startswith('Running job "Scheduler._fire')]
+    fired = [e for e in entries if e["message"].startswith('Running job "Scheduler._wake')]
     assert fired and all("tenant" not in e and "strategy_id" not in e for e in fired)
 
     # Nothing logs a credential at all (the raw records, before any redaction) ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timedelta
 
 import jwt
@@ -16,19 +17,35 @@ _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class TokenVerifier:
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, *, cache_size: int = 4096) -> None:
         self._secret = secret
+        # Verified tokens: (tenant, exp). A client sends the same token on every call, and
+        # checking its signature every time was a tenth of a StartStrategy; the expiry is
+        # still checked on every call. Only tokens whose signature held are kept.
+        self._verified: dict[str, tuple[str, int]] = {}
+        self._cache_size = cache_size
 
     def tenant_of(self, authorization: str | None) -> str:
         """The tenant named by a valid `Bearer <jwt>` header; Unauthenticated otherwise."""
         if not authorization:
             raise Unauthenticated("missing authorization metadata (Bearer token)")
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization must be 'Bearer <token>'")
+        known = self._verified.get(token)
+        if known is not None and time.time() < known[1]:
+            return known[0]
+        tenant, expires = self._verify(token)
+        if len(self._verified) >= self._cache_size:
+            self._verified.clear()  # simpler than LRU, and a full cache is rare
+        self._verified[token] = (tenant, expires)
+        return tenant
+
+    def _verify(self, token: str) -> tuple[str, int]:
         try:
             claims = jwt.decode(
-                token.strip(),
+                token,
                 self._secret,
                 algorithms=[ALGORITHM],
                 options={"require": ["exp", "sub"]},
@@ -40,7 +57,7 @@ class TokenVerifier:
         tenant = claims.get("sub")
         if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
             raise Unauthenticated("token sub is not a valid tenant name")
-        return tenant
+        return tenant, int(claims["exp"])
 
 
 def parse_ttl(raw: str) -> timedelta:

@@ -202,10 +202,10 @@ class Database:
         """Inserts a new strategy and, atomically with it, the response to replay.
         Raises IdempotencyConflict when the request_id was taken meanwhile."""
         if self._hot_writer is not None:
-            rows = [(StrategyRow.__tablename__, _to_row(strategy, runtime).model_dump())]
+            rows = [(StrategyRow.__tablename__, _row_values(strategy, runtime))]
             if idempotency is not None:
-                idem = _idem_row(strategy.tenant, idempotency, response, runtime)
-                rows.append((IdempotencyRow.__tablename__, idem.model_dump()))
+                idem = _idem_values(strategy.tenant, idempotency, response, runtime)
+                rows.append((IdempotencyRow.__tablename__, idem))
             try:
                 await self._hot_writer.insert(rows)
             except sqlite3.IntegrityError:
@@ -282,15 +282,15 @@ class Database:
             values = await writer.fetch_one(StrategyRow.__tablename__, {"id": strategy_id})
             if values is None or values["tenant"] != tenant:
                 raise strategy_not_found(strategy_id)
-            row = StrategyRow.model_construct(**values)
+            row = cast(StrategyRow, SimpleNamespace(**values))
             strategy, current = _strategy(row), _runtime(row)
             updated = change(strategy, current)
             if updated == current:
                 return strategy, current, False
             inserts = []
             if idempotency is not None:
-                idem = _idem_row(tenant, idempotency, {}, updated)
-                inserts.append((IdempotencyRow.__tablename__, idem.model_dump()))
+                idem = _idem_values(tenant, idempotency, {}, updated)
+                inserts.append((IdempotencyRow.__tablename__, idem))
             try:
                 saved = await writer.save(
                     strategy_id, current.version, _runtime_values(updated), [], inserts
@@ -468,14 +468,22 @@ async def _update_if_version(session: AsyncSession, row: StrategyRow, runtime: R
 def _idem_row(
     tenant: str, key: IdempotencyKey, response: dict[str, str], runtime: Runtime
 ) -> IdempotencyRow:
+    return IdempotencyRow(**_idem_values(tenant, key, response, runtime))
+
+
+def _idem_values(
+    tenant: str, key: IdempotencyKey, response: dict[str, str], runtime: Runtime
+) -> dict[str, Any]:
+    """The row's columns; the SQLite path inserts them as they are (building the SQLModel
+    object and dumping it again was a tenth of a StartStrategy)."""
     body = response or runtime_to_flat(runtime)
-    return IdempotencyRow(
-        tenant=tenant,
-        request_id=key.request_id,
-        fingerprint=key.fingerprint,
-        response=json.dumps(body, sort_keys=True).encode(),
-        created_at=to_micros(runtime.updated_at),
-    )
+    return {
+        "tenant": tenant,
+        "request_id": key.request_id,
+        "fingerprint": key.fingerprint,
+        "response": json.dumps(body, sort_keys=True).encode(),
+        "created_at": to_micros(runtime.updated_at),
+    }
 
 
 def _runtime_values(runtime: Runtime) -> dict[str, Any]:
@@ -497,18 +505,22 @@ def _runtime_values(runtime: Runtime) -> dict[str, Any]:
 
 
 def _to_row(strategy: Strategy, runtime: Runtime) -> StrategyRow:
+    return StrategyRow(**_row_values(strategy, runtime))
+
+
+def _row_values(strategy: Strategy, runtime: Runtime) -> dict[str, Any]:
     spec = strategy.spec
-    return StrategyRow(
-        id=strategy.id,
-        tenant=strategy.tenant,
-        symbol=spec.symbol,
-        quantity=spec.quantity,
-        buy_time=to_micros(spec.buy_time),
-        sell_time=to_micros(spec.sell_time),
-        stop_loss=format_decimal(spec.stop_loss),
-        created_at=to_micros(strategy.created_at),
+    return {
+        "id": strategy.id,
+        "tenant": strategy.tenant,
+        "symbol": spec.symbol,
+        "quantity": spec.quantity,
+        "buy_time": to_micros(spec.buy_time),
+        "sell_time": to_micros(spec.sell_time),
+        "stop_loss": format_decimal(spec.stop_loss),
+        "created_at": to_micros(strategy.created_at),
         **_runtime_values(runtime),
-    )
+    }
 
 
 def _strategy(row: StrategyRow) -> Strategy:

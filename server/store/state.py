@@ -91,25 +91,23 @@ class RedisState:
         await self._streams.aclose()
         await self._redis.aclose()
 
-    async def put_runtime(self, runtime: Runtime, strategy: Strategy | None = None) -> bool:
-        """Writes the runtime (and the strategy's config when given) unless Redis already
-        holds this version or a newer one, then keeps the symbol's live set in step.
-        Returns whether this snapshot was written."""
-        written = await self._apply(*_apply_args(runtime, strategy))
-        if written:
-            await _update_live_set(self._redis, runtime)
-        return bool(written)
-
     async def put_runtimes(
-        self, runtimes: list[Runtime], *, events_before: list[tuple[StreamKind, str, Flat]]
+        self,
+        runtimes: list[Runtime],
+        *,
+        events_before: list[tuple[StreamKind, str, Flat]],
+        strategies: list[Strategy] | None = None,
     ) -> list[bool]:
-        """Appends `events_before`, then put_runtime() for each runtime, in one round trip
-        (the live sets are kept in step by `put_written`). Returns which were written."""
+        """Appends `events_before`, then writes each runtime (and its strategy's config, when
+        `strategies` gives it) unless Redis already holds that version or a newer one, in
+        one round trip; `put_written` then keeps the live sets in step. Returns which
+        runtimes were written."""
+        configs: list[Strategy | None] = [*strategies] if strategies else [None] * len(runtimes)
         async with self._redis.pipeline(transaction=False) as pipe:
             for kind, tenant, fields in events_before:
                 self._append(pipe, kind, tenant, fields)
-            for runtime in runtimes:
-                await self._apply(*_apply_args(runtime, None), client=pipe)
+            for runtime, strategy in zip(runtimes, configs, strict=True):
+                await self._apply(*_apply_args(runtime, strategy), client=pipe)
             replies = await execute(pipe)
         return [bool(written) for written in replies[len(events_before) :]]
 
