@@ -304,6 +304,8 @@ class Database:
     async def list_live(self) -> list[tuple[Strategy, Runtime]]:
         """Every started, unfinished strategy: what the scheduler must have timers for."""
         live = [StrategyStatus.SCHEDULED.value, StrategyStatus.RUNNING.value]
+        if self._hot_writer is not None:
+            return await self._hot_strategies("status IN (?, ?)", live)
         return await self._strategies(col(StrategyRow.status).in_(live))
 
     async def find_with_order(
@@ -341,7 +343,20 @@ class Database:
 
     async def list_changed_since(self, since_us: int) -> list[tuple[Strategy, Runtime]]:
         """Every strategy whose runtime changed at or after `since_us`, live or not."""
+        if self._hot_writer is not None:
+            return await self._hot_strategies("updated_at >= ?", [since_us])
         return await self._strategies(col(StrategyRow.updated_at) >= since_us)
+
+    async def _hot_strategies(
+        self, where: str, params: list[Any]
+    ) -> list[tuple[Strategy, Runtime]]:
+        """On SQLite, read on the writer's thread into plain holders: the timer sync reads
+        every strategy changed in the last seconds, thousands under load, and the ORM's
+        per-row cost on the event loop showed as stalls of StartStrategy."""
+        assert self._hot_writer is not None
+        rows = await self._hot_writer.fetch_where(StrategyRow.__tablename__, where, params)
+        found = [cast(StrategyRow, SimpleNamespace(**values)) for values in rows]
+        return [(_strategy(row), _runtime(row)) for row in found]
 
     async def _strategies(self, condition: Any) -> list[tuple[Strategy, Runtime]]:
         async with AsyncSession(self._engine) as session:

@@ -80,6 +80,11 @@ class SqliteWriter:
         """The row matching every column = value in `where`, as a dict."""
         return await self._call(partial(self._fetch_one, table, where))
 
+    async def fetch_where(self, table: str, where: str, params: list[Any]) -> list[dict[str, Any]]:
+        """Every row of `table` matching `where` (SQL with ? placeholders: our own text,
+        never a caller's input; the values go in `params`)."""
+        return await self._call(partial(self._fetch_where, table, where, params))
+
     async def close(self) -> None:
         await self._call(self._close)
         self._thread.shutdown(wait=True)
@@ -225,6 +230,10 @@ class SqliteWriter:
         row = self._connection().execute(f'SELECT * FROM "{table}" WHERE {condition}', where)
         found = row.fetchone()
         return dict(found) if found is not None else None
+
+    def _fetch_where(self, table: str, where: str, params: list[Any]) -> list[dict[str, Any]]:
+        rows = self._connection().execute(f'SELECT * FROM "{table}" WHERE {where}', params)
+        return [dict(row) for row in rows]
 
     def _close(self) -> None:
         if self._conn is not None:
