@@ -5,6 +5,11 @@ committed with its deterministic client order id; an ambiguous broker failure is
 `get_order` before the same id is placed again. A redelivered event whose order is final is a
 true duplicate and is dropped; an event that is not valid in the strategy's state is recorded
 as SKIPPED; an event that arrives too early (SELL before its BUY happened) waits.
+
+Workers take events up to 64 at a time; the plain ones (first delivery, lock free, nothing in
+the order log yet, ready to go) run through the batch lane (`server/engine_batch.py`), which
+does each of these steps once for the whole batch. Every other event runs alone through
+`handle`, the per-event path, which is also what the batch lane falls back to.
 """
 
 from __future__ import annotations
@@ -196,10 +201,6 @@ class ExecutionEngine:
         finally:
             self._busy.release()
 
-    async def _carefully(self, delivery: Delivery) -> None:
-        async with self._busy:
-            await self.handle(delivery)
-
     async def _reaper(self) -> None:
         while not self._closing.is_set():
             await asyncio.sleep(self._config.reclaim_interval_s)
@@ -215,7 +216,8 @@ class ExecutionEngine:
     async def _take_over(self, delivery: Delivery) -> None:
         log.warning("taking over event %s (%s)", delivery.entry_id, delivery.fields)
         self._metrics.redelivered(QUEUE_NAMES.get(delivery.stream, ""))
-        await self._carefully(delivery)
+        async with self._busy:
+            await self.handle(delivery)
 
     async def handle(self, delivery: Delivery) -> None:
         """Runs one delivered event to its end and acknowledges it. A failure (Redis or the

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.brokers.base import BrokerOrder, Side
@@ -49,7 +49,7 @@ class _Item:
     strategy: Strategy | None = None
     runtime: Runtime | None = None
     order: Order | None = None
-    follow_up: FollowUp | None = field(default=None)
+    follow_up: FollowUp | None = None
 
 
 class BatchLane:
