@@ -19,8 +19,8 @@ class Publisher:
         is the newest Redis has seen, so a stream never shows an older state last."""
         config = [strategy] if strategy is not None else None
         [written] = await self._state.put_runtimes([runtime], events_before=[], strategies=config)
-        if written:
-            event: Event = ("runtime", runtime.tenant, runtime_to_flat(runtime))
+        if written is not None:
+            event: Event = ("runtime", runtime.tenant, written)
             await self._state.put_written([runtime], events_after=[event])
 
     async def notice(self, runtime: Runtime) -> None:
@@ -38,8 +38,8 @@ class Publisher:
         ]
         runtimes = [runtime for runtime, _ in changes if runtime is not None]
         written = await self._state.put_runtimes(runtimes, events_before=orders)
-        fresh = [runtime for runtime, new in zip(runtimes, written, strict=True) if new]
-        events: list[Event] = [("runtime", r.tenant, runtime_to_flat(r)) for r in fresh]
+        fresh = [(r, flat) for r, flat in zip(runtimes, written, strict=True) if flat is not None]
+        events: list[Event] = [("runtime", r.tenant, flat) for r, flat in fresh]
         # Every write keeps the live set in step, also live to live: after a Redis wipe the
         # first write of a runtime may be this one, and recovery's older snapshot then loses.
-        await self._state.put_written(fresh, events_after=events)
+        await self._state.put_written([r for r, _ in fresh], events_after=events)

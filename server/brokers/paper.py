@@ -9,6 +9,7 @@ injectable, so faults can be seen from outside.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import secrets
@@ -58,6 +59,9 @@ class PaperBroker:
         self._place = redis.register_script(scripts.PAPER_PLACE)
         # Orders placed in one turn of the loop go to the book together (see _book).
         self._waiting: list[_Placement] = []
+        # Broker order ids: unique per broker instance (a random part) and per order (a count).
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count(1)
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def place_order(
@@ -114,6 +118,15 @@ class PaperBroker:
             if not placement.stored.done():  # done: its caller gave up (a timeout)
                 placement.stored.set_result(str(raw))
 
+    def _fill(self, client_order_id: str, symbol: str, price: Decimal | None) -> BrokerOrder:
+        """A market order fills at the last price; with no price it is rejected."""
+        if price is None:
+            return BrokerOrder(
+                client_order_id, "", BrokerOrderStatus.REJECTED, reason=f"no price for {symbol}"
+            )
+        broker_id = f"paper-{self._id_prefix}-{next(self._ids)}"
+        return BrokerOrder(client_order_id, broker_id, BrokerOrderStatus.FILLED, price)
+
     async def _store(self, batch: list[_Placement]) -> list[Any]:
         symbols = list(dict.fromkeys(placement.symbol for placement in batch))
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -122,7 +135,7 @@ class PaperBroker:
             prices = dict(zip(symbols, map(_price, await execute(pipe)), strict=True))
         async with self._redis.pipeline(transaction=False) as pipe:
             for p in batch:
-                order = _fill(p.client_order_id, p.symbol, prices[p.symbol])
+                order = self._fill(p.client_order_id, p.symbol, prices[p.symbol])
                 stored = _encode(order, p.symbol, p.side, p.quantity, p.entered_ns)
                 args = [p.client_order_id, stored]
                 await self._place(keys=[keys.PAPER_ORDERS, keys.PAPER_LOG], args=args, client=pipe)
@@ -134,17 +147,6 @@ def _price(raw: Any) -> Decimal | None:
         return Decimal(str(raw)) if raw is not None else None
     except InvalidOperation:
         return None
-
-
-def _fill(client_order_id: str, symbol: str, price: Decimal | None) -> BrokerOrder:
-    """A market order fills at the last price; with no price it is rejected."""
-    if price is None:
-        return BrokerOrder(
-            client_order_id, "", BrokerOrderStatus.REJECTED, reason=f"no price for {symbol}"
-        )
-    return BrokerOrder(
-        client_order_id, f"paper-{secrets.token_hex(8)}", BrokerOrderStatus.FILLED, price
-    )
 
 
 def _encode(order: BrokerOrder, symbol: str, side: Side, quantity: int, entered_ns: int) -> str:

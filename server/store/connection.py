@@ -18,11 +18,10 @@ import contextvars
 import math
 from typing import Any, cast
 
+import hiredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
-from redis.connection import HiredisRespSerializer
 from redis.exceptions import NoScriptError
-from redis.utils import HIREDIS_AVAILABLE
 
 # Set while execute() holds a deadline over a whole pipeline.
 _UNDER_DEADLINE: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -77,12 +76,16 @@ async def _execute(pipe: Pipeline) -> list[Any]:
 class _Faster:
     """Mixed into the pool's connection class (TCP, unix socket or TLS, as the URL says)."""
 
-    _packer = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
-
     def pack_command(self, *args: Any) -> list[bytes]:
-        if self._packer is None:
+        # What redis-py's HiredisRespSerializer does (hiredis is a dependency: redis[hiredis]),
+        # minus its per-argument conversion pass: a command name with spaces ('SCRIPT LOAD')
+        # is split, hiredis packs the rest.
+        if isinstance(args[0], str) and " " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # an argument hiredis does not take: redis-py's packer says which
             return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
-        return cast(list[bytes], self._packer.pack(*args))
 
     async def read_response(
         self,

@@ -97,19 +97,21 @@ class RedisState:
         *,
         events_before: list[tuple[StreamKind, str, Flat]],
         strategies: list[Strategy] | None = None,
-    ) -> list[bool]:
+    ) -> list[Flat | None]:
         """Appends `events_before`, then writes each runtime (and its strategy's config, when
         `strategies` gives it) unless Redis already holds that version or a newer one, in
-        one round trip; `put_written` then keeps the live sets in step. Returns which
-        runtimes were written."""
+        one round trip; `put_written` then keeps the live sets in step. Returns, for each
+        runtime, the fields written (for its event), or None when it was not written."""
         configs: list[Strategy | None] = [*strategies] if strategies else [None] * len(runtimes)
+        flats = [runtime_to_flat(runtime) for runtime in runtimes]
         async with self._redis.pipeline(transaction=False) as pipe:
             for kind, tenant, fields in events_before:
                 self._append(pipe, kind, tenant, fields)
-            for runtime, strategy in zip(runtimes, configs, strict=True):
-                await self._apply(*_apply_args(runtime, strategy), client=pipe)
+            for runtime, flat, strategy in zip(runtimes, flats, configs, strict=True):
+                await self._apply(*_apply_args(runtime, flat, strategy), client=pipe)
             replies = await execute(pipe)
-        return [bool(written) for written in replies[len(events_before) :]]
+        written = replies[len(events_before) :]
+        return [flat if new else None for flat, new in zip(flats, written, strict=True)]
 
     async def put_written(
         self, written: list[Runtime], *, events_after: list[tuple[StreamKind, str, Flat]]
@@ -181,10 +183,12 @@ class RedisState:
         return events
 
 
-def _apply_args(runtime: Runtime, strategy: Strategy | None) -> tuple[list[str], list[Any]]:
+def _apply_args(
+    runtime: Runtime, flat: Flat, strategy: Strategy | None
+) -> tuple[list[str], list[Any]]:
     strategy_fields = _pairs(strategy_config(strategy)) if strategy else []
     args: list[Any] = [runtime.version, len(strategy_fields) // 2, *strategy_fields]
-    args.extend(_pairs(runtime_to_flat(runtime)))
+    args.extend(_pairs(flat))
     return [keys.strategy(runtime.strategy_id), keys.runtime(runtime.strategy_id)], args
 
 
