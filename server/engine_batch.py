@@ -161,15 +161,24 @@ class BatchLane:
         with the broker's reply, not placed with the reply and error for `unplaced`, failed)."""
         if not items:
             return [], [], []
+        # The broker calls are scheduled before the publish, so they run first: the publish
+        # only shows the intents, and a retry waits for it (`published`).
+        published: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        placing = asyncio.gather(
+            *(self._place(item, published) for item in items), return_exceptions=True
+        )
         publishing = asyncio.ensure_future(
             self._publish.changes([(item.runtime, [item.order]) for item in items if item.order])
         )
+        publishing.add_done_callback(lambda done: _pass_on(done, published))
         try:
-            results = await asyncio.gather(
-                *(self._place(item, publishing) for item in items), return_exceptions=True
-            )
+            results = await placing
         finally:
-            await publishing  # its failure fails the batch: each event then resumes alone
+            try:
+                await publishing  # its failure fails the batch: each event then resumes alone
+            finally:
+                if published.done() and not published.cancelled():
+                    published.exception()  # seen: the error surfaces through `publishing`
         placed: list[tuple[_Item, BrokerOrder]] = []
         unplaced: list[tuple[_Item, object | None, str]] = []
         failed: list[_Item] = []
@@ -253,6 +262,18 @@ def _sort(deliveries: list[Delivery]) -> tuple[list[_Item], list[Delivery], list
         seen.add(event.strategy_id)
         items.append(_Item(delivery, event))
     return items, careful, malformed
+
+
+def _pass_on(done: asyncio.Future[None], to: asyncio.Future[None]) -> None:
+    """The outcome of `done` to `to` (for the retries that wait on the publish)."""
+    if to.done():
+        return
+    if done.cancelled():
+        to.cancel()
+    elif (error := done.exception()) is not None:
+        to.set_exception(error)
+    else:
+        to.set_result(None)
 
 
 def _with_run(item: _Item) -> tuple[Order, int]:

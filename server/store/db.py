@@ -144,11 +144,18 @@ class Database:
         # On SQLite (one writer at a time) every write and the engine's reads go through
         # one thread (SqliteWriter); the SQLAlchemy paths below that write serve PostgreSQL.
         self._hot_writer: SqliteWriter | None = None
+        self._bulk_reader: SqliteWriter | None = None
         if self._sqlite:
             path = make_url(url).database
             if path in (None, "", ":memory:"):  # Settings refuses these; direct callers too
                 raise ValueError("SQLite needs a file, not an in-memory database")
             self._hot_writer = SqliteWriter(
+                path, strategies=StrategyRow.__tablename__, orders=OrderRow.__tablename__
+            )
+            # Bulk reads (the timer sync: up to every live strategy) on a thread and
+            # connection of their own: on the writer's thread they would hold up the engine's
+            # reads and commits, a stop-loss exit's among them. WAL lets both run at once.
+            self._bulk_reader = SqliteWriter(
                 path, strategies=StrategyRow.__tablename__, orders=OrderRow.__tablename__
             )
 
@@ -174,8 +181,9 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
-        if self._hot_writer is not None:
-            await self._hot_writer.close()
+        for thread in (self._hot_writer, self._bulk_reader):
+            if thread is not None:
+                await thread.close()
         await self._engine.dispose()
 
     async def get_response(self, tenant: str, request_id: str) -> StoredResponse | None:
@@ -350,11 +358,11 @@ class Database:
     async def _hot_strategies(
         self, where: str, params: list[Any]
     ) -> list[tuple[Strategy, Runtime]]:
-        """On SQLite, read on the writer's thread into plain holders: the timer sync reads
-        every strategy changed in the last seconds, thousands under load, and the ORM's
-        per-row cost on the event loop showed as stalls of StartStrategy."""
-        assert self._hot_writer is not None
-        rows = await self._hot_writer.fetch_where(StrategyRow.__tablename__, where, params)
+        """On SQLite, read on the bulk reader's thread into plain holders: the timer sync
+        reads every strategy changed in the last seconds, thousands under load, and the
+        ORM's per-row cost on the event loop showed as stalls of StartStrategy."""
+        assert self._bulk_reader is not None
+        rows = await self._bulk_reader.fetch_where(StrategyRow.__tablename__, where, params)
         found = [cast(StrategyRow, SimpleNamespace(**values)) for values in rows]
         return [(_strategy(row), _runtime(row)) for row in found]
 
