@@ -279,7 +279,7 @@ class ExecutionEngine:
         while not cancel_requested():  # a cancel swallowed by touch() still ends it
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
-                await self._queue.touch(delivery)
+                await self._queue.touch_all([delivery])
 
     async def execute(self, event: OrderEvent) -> Outcome:
         """One event, under the strategy's lock."""
@@ -611,10 +611,7 @@ class ExecutionEngine:
             log.info("order %s %s%s", order.id, order.status.value, why, extra=ids)
 
     async def _publish_all(self, runtime: Runtime | None, orders: list[Order]) -> None:
-        for order in orders:
-            await self._publish.order(order)
-        if runtime is not None:
-            await self._publish.runtime(runtime)
+        await self._publish.changes([(runtime, orders)])
 
 
 _UNKNOWN = object()

@@ -27,12 +27,10 @@ class Publisher:
         """An event that carries news but no new state (Redis keeps no notice)."""
         await self._state.append_event("runtime", runtime.tenant, runtime_to_flat(runtime))
 
-    async def order(self, order: Order) -> None:
-        await self._state.append_event("orders", order.tenant, order_to_flat(order))
-
     async def changes(self, changes: list[tuple[Runtime | None, list[Order]]]) -> None:
-        """Many committed changes (of different strategies) at once, as order() for each
-        order then runtime() would publish them, in two round trips for all."""
+        """Committed changes (each of one strategy, a runtime or None and its orders): the
+        order events, then each runtime that is the newest Redis has seen and its event, in
+        two round trips for all."""
         orders: list[Event] = [
             ("orders", o.tenant, order_to_flat(o)) for _, os in changes for o in os
         ]

@@ -31,23 +31,20 @@ class StopLossGuard:
         self._clock = clock
 
     async def arm(self, strategy: Strategy) -> None:
-        """Arms a fresh position, then checks the last price: a tick that breached the
-        stop-loss while the BUY was in flight exits it at once."""
-        spec = strategy.spec
-        fired = await self._index.arm_and_recheck(spec.symbol, strategy.id, spec.stop_loss)
-        await self.hand_over(spec.symbol, fired)
+        await self.arm_all([strategy])
 
     async def arm_all(self, strategies: list[Strategy]) -> None:
-        """arm() for many fresh positions, in one round trip while none fires."""
+        """Arms fresh positions, then checks the last price: a tick that breached a
+        stop-loss while its BUY was in flight exits it at once. One round trip for all."""
         armed = [(s.spec.symbol, s.id, s.spec.stop_loss) for s in strategies]
         for symbol, fired in await self._index.arm_and_recheck_all(armed):
             await self.hand_over(symbol, fired)
 
+    async def disarm(self, strategy: Strategy) -> None:
+        await self.disarm_all([strategy])
+
     async def disarm_all(self, strategies: list[Strategy]) -> None:
         await self._index.disarm_all([(s.spec.symbol, s.id, s.spec.stop_loss) for s in strategies])
-
-    async def disarm(self, strategy: Strategy) -> None:
-        await self._index.disarm(strategy.spec.symbol, strategy.id, strategy.spec.stop_loss)
 
     async def on_price(
         self, symbol: str, price: Decimal, low: Decimal | None = None, received_us: int = 0

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from protos.algoplane.v1 import strategy_pb2_grpc
 from server.app import App
 from server.config import Settings
+from server.store.state import RedisState, connect
 from tests.support import SECRET, RedisProcess, aio_stub, auth, redis_process
 
 
@@ -100,3 +101,14 @@ async def server(redis_proc: RedisProcess, tmp_path: Path) -> AsyncIterator[Harn
         yield harness
     finally:
         await stop_harness(harness)
+
+
+@pytest.fixture
+async def state(redis_proc: RedisProcess) -> AsyncIterator[RedisState]:
+    """A RedisState on the test redis-server, flushed."""
+    client = connect(redis_proc.url, timeout_s=5)
+    await client.flushall()
+    streams = connect(redis_proc.url, timeout_s=5)
+    state = RedisState(client=client, stream_client=streams, stream_maxlen=1000)
+    yield state
+    await state.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
@@ -19,18 +18,7 @@ from server.brokers.base import (
 from server.brokers.metered import MeteredBroker
 from server.brokers.paper import PaperBroker
 from server.metrics import Metrics
-from server.store.state import RedisState, connect
-from tests.support import RedisProcess
-
-
-@pytest.fixture
-async def state(redis_proc: RedisProcess) -> AsyncIterator[RedisState]:
-    client = connect(redis_proc.url, timeout_s=5)
-    await client.flushall()
-    streams = connect(redis_proc.url, timeout_s=5)
-    state = RedisState(client=client, stream_client=streams, stream_maxlen=1000)
-    yield state
-    await state.close()
+from server.store.state import RedisState
 
 
 def paper(state: RedisState, timeout_rate: float = 0.0, error_rate: float = 0.0) -> PaperBroker:

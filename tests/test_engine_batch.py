@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +18,7 @@ from server.domain import Intent, client_order_id
 from server.store import keys
 from server.store.codec import to_micros
 from server.store.queue import OrderEvent
-from server.store.state import RedisState, connect
+from server.store.state import RedisState
 from tests.conftest import Harness
 from tests.support import RedisProcess, spec_at
 from tests.test_engine import (
@@ -63,6 +62,13 @@ async def queues_drained(h: Harness) -> bool:
         if (await h.redis.xpending(stream, keys.ENGINE_GROUP))["pending"] != 0:
             return False
     return True
+
+
+async def queue_state(h: Harness) -> str:
+    """For a failure message: what waits in queue:orders and what a worker has taken."""
+    queued = await h.redis.xlen(keys.ORDER_QUEUE)
+    taken = (await h.redis.xpending(keys.ORDER_QUEUE, keys.ENGINE_GROUP))["pending"]
+    return f"queue:orders holds {queued} entries, {taken} taken by a worker"
 
 
 async def armed_ids(h: Harness, symbol: str) -> list[str]:
@@ -178,13 +184,10 @@ async def test_event_waiting_for_a_lock_does_not_hold_up_later_events(
             await bought(h, b, timeout_s=a_at + 1.8 - time.time())
         except AssertionError:
             waited = await h.redis.pttl(keys.lock_state(a))
-            queued = await h.redis.xlen(keys.ORDER_QUEUE)
-            taken = (await h.redis.xpending(keys.ORDER_QUEUE, keys.ENGINE_GROUP))["pending"]
             pytest.fail(
                 f"B was not bought 1.3 s after its buy_time while A's lock was held elsewhere "
-                f"(A's foreign lock still had {waited} ms to live; queue:orders held {queued} "
-                f"entries, {taken} taken by a worker): a worker waiting for one strategy's "
-                f"lock takes no further events"
+                f"(A's foreign lock still had {waited} ms to live; {await queue_state(h)}): "
+                f"a worker waiting for one strategy's lock takes no further events"
             )
         await bought(h, a, timeout_s=4)
         for sid in (a, b):
@@ -219,13 +222,11 @@ async def test_redis_refusing_the_batch_locks_does_not_stop_the_engine(
         try:
             await bought(h, later, timeout_s=4)
         except AssertionError:
-            queued = await h.redis.xlen(keys.ORDER_QUEUE)
-            taken = (await h.redis.xpending(keys.ORDER_QUEUE, keys.ENGINE_GROUP))["pending"]
             first_status = pb.StrategyStatus.Name((await runtime_of(h, first)).status)
             pytest.fail(
                 f"a BUY due 1 s after a 0.3 s Redis write outage was not bought within 3 s: "
-                f"queue:orders holds {queued} entries, {taken} taken by a worker (the first "
-                f"strategy is {first_status}); no worker reads the queue any more"
+                f"{await queue_state(h)} (the first strategy is {first_status}); no worker "
+                f"reads the queue any more"
             )
         await bought(h, first, timeout_s=3)
         for sid in (first, later):
@@ -295,16 +296,6 @@ async def test_batch_mixing_a_sell_a_buy_and_a_malformed_entry(
 
 
 # --- the paper broker's coalescing ----------------------------------------------------------
-
-
-@pytest.fixture
-async def state(redis_proc: RedisProcess) -> AsyncIterator[RedisState]:
-    client = connect(redis_proc.url, timeout_s=5)
-    await client.flushall()
-    streams = connect(redis_proc.url, timeout_s=5)
-    state = RedisState(client=client, stream_client=streams, stream_maxlen=1000)
-    yield state
-    await state.close()
 
 
 async def test_paper_orders_placed_together_fill_per_symbol(state: RedisState) -> None:

@@ -43,17 +43,17 @@ async def test_a_tick_fires_exactly_the_breached_ones_among_ten_thousand(redis: 
 
 async def test_comparison_is_exact_at_eight_decimals(redis: Redis) -> None:
     index = StopLossIndex(redis=redis)
-    await index.arm("X", "at", Decimal("1234567890.12345678"))
-    await index.arm("above", "above", Decimal("1"))  # another symbol, untouched
+    await index.arm_and_recheck_all([("X", "at", Decimal("1234567890.12345678"))])
+    await index.arm_and_recheck_all([("above", "above", Decimal("1"))])  # another symbol, untouched
     assert await index.tick("X", Decimal("1234567890.12345679")) == []
     assert await index.tick("X", Decimal("1234567890.12345678")) == ["at"]
 
 
 async def test_disarm_and_hand_over(redis: Redis) -> None:
     index = StopLossIndex(redis=redis)
-    await index.arm("SBIN", "a", Decimal("95"))
-    await index.arm("SBIN", "b", Decimal("96"))
-    await index.disarm("SBIN", "a", Decimal("95"))
+    await index.arm_and_recheck_all([("SBIN", "a", Decimal("95"))])
+    await index.arm_and_recheck_all([("SBIN", "b", Decimal("96"))])
+    await index.disarm_all([("SBIN", "a", Decimal("95"))])
     assert await index.armed_ids("SBIN") == ["b"]
     assert await index.tick("SBIN", Decimal("10")) == ["b"]
     await index.handed_over("SBIN", "b")
@@ -64,9 +64,9 @@ async def test_a_batch_stores_its_last_price_and_fires_what_its_lowest_breached(
     redis: Redis,
 ) -> None:
     index = StopLossIndex(redis=redis)
-    await index.arm("SBIN", "under", Decimal("94"))
-    await index.arm("SBIN", "dip", Decimal("97"))
-    await index.arm("SBIN", "above", Decimal("101"))
+    await index.arm_and_recheck_all([("SBIN", "under", Decimal("94"))])
+    await index.arm_and_recheck_all([("SBIN", "dip", Decimal("97"))])
+    await index.arm_and_recheck_all([("SBIN", "above", Decimal("101"))])
     # Ticks 102, 96.5, 100.5 coalesced: last 100.5, lowest 96.5.
     fired = await index.tick("SBIN", Decimal("100.5"), low=Decimal("96.5"))
     assert sorted(fired) == ["above", "dip"]
@@ -79,10 +79,12 @@ async def test_arm_and_recheck_fires_at_once_when_the_stored_price_is_already_be
     redis: Redis,
 ) -> None:
     index = StopLossIndex(redis=redis)
-    assert await index.arm_and_recheck("SBIN", "early", Decimal("95")) == []  # no price yet
+    assert await index.arm_and_recheck_all([("SBIN", "early", Decimal("95"))]) == []  # no price yet
     await index.tick("SBIN", Decimal("99"))
-    assert await index.arm_and_recheck("SBIN", "above", Decimal("98")) == []
+    assert await index.arm_and_recheck_all([("SBIN", "above", Decimal("98"))]) == []
     assert await index.armed_ids("SBIN") == ["early", "above"]
-    assert await index.arm_and_recheck("SBIN", "breached", Decimal("99.5")) == ["breached"]
+    assert await index.arm_and_recheck_all([("SBIN", "breached", Decimal("99.5"))]) == [
+        ("SBIN", ["breached"])
+    ]
     assert await index.armed_ids("SBIN") == ["early", "above"]
     assert await index.fired("SBIN") == ["breached"]

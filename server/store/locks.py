@@ -50,27 +50,13 @@ class StrategyLocks:
                 raise Unavailable(f"strategy {strategy_id} is busy executing an order; retry")
             await asyncio.sleep(self._poll)
 
-    async def release(self, strategy_id: str, token: str) -> bool:
-        return bool(await self._release(keys=[keys.lock_state(strategy_id)], args=[token]))
-
-    async def extend(self, strategy_id: str, token: str) -> bool:
-        return bool(
-            await self._extend(keys=[keys.lock_state(strategy_id)], args=[token, self._ttl_ms])
-        )
-
     @contextlib.asynccontextmanager
     async def held(self, strategy_id: str, timeout_s: float | None = None) -> AsyncIterator[str]:
-        """Holds the lock for the block, extending it every third of its TTL."""
+        """Waits for the lock (see acquire), holds it for the block, extending it every
+        third of its TTL."""
         token = await self.acquire(strategy_id, timeout_s)
-        keeper = asyncio.create_task(self._keep(strategy_id, token))
-        try:
+        async with self._holding({strategy_id: token}):
             yield token
-        finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            with contextlib.suppress(Exception):
-                await self.release(strategy_id, token)
 
     async def try_acquire_all(self, strategy_ids: list[str]) -> dict[str, str]:
         """try_acquire() for many strategies in one round trip: the tokens of those taken."""
@@ -106,12 +92,18 @@ class StrategyLocks:
 
     @contextlib.asynccontextmanager
     async def held_where_free(self, strategy_ids: list[str]) -> AsyncIterator[dict[str, str]]:
-        """Takes, without waiting, every lock that is free; holds them (extended every third
-        of the TTL) for the block; yields the tokens of the locks taken."""
+        """Takes, without waiting, every lock that is free; holds them for the block as
+        held() does; yields the tokens of the locks taken."""
         tokens = await self.try_acquire_all(strategy_ids)
-        keeper = asyncio.create_task(self._keep_all(tokens))
-        try:
+        async with self._holding(tokens):
             yield tokens
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, tokens: dict[str, str]) -> AsyncIterator[None]:
+        """Keeps the locks extended for the block, then releases them."""
+        keeper = asyncio.create_task(self._keep(tokens))
+        try:
+            yield
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -119,7 +111,9 @@ class StrategyLocks:
             with contextlib.suppress(Exception):
                 await self.release_all(tokens)
 
-    async def _keep_all(self, tokens: dict[str, str]) -> None:
+    async def _keep(self, tokens: dict[str, str]) -> None:
+        # Ends by cancellation; a cancel swallowed inside extend_all() must still end it, or
+        # _holding() waits for it forever while it keeps the locks alive.
         while not cancel_requested() and tokens:
             await asyncio.sleep(self._ttl_ms / 3000)
             try:
@@ -127,15 +121,3 @@ class StrategyLocks:
                     log.error("lock on %s was lost while held", strategy_id)
             except Exception as exc:  # noqa: BLE001 - keep trying while Redis is away
                 log.warning("could not extend %d locks: %s", len(tokens), exc)
-
-    async def _keep(self, strategy_id: str, token: str) -> None:
-        # Ends by cancellation; a cancel swallowed inside extend() must still end it, or
-        # held() waits for it forever while it keeps the lock alive.
-        while not cancel_requested():
-            await asyncio.sleep(self._ttl_ms / 3000)
-            try:
-                if not await self.extend(strategy_id, token):
-                    log.error("lock on %s was lost while held", strategy_id)
-                    return
-            except Exception as exc:  # noqa: BLE001 - keep trying while Redis is away
-                log.warning("could not extend lock on %s: %s", strategy_id, exc)

@@ -206,19 +206,8 @@ class OrderQueue:
                 counts[str(item["message_id"])] = int(item["times_delivered"])
         return counts
 
-    async def touch(self, delivery: Delivery) -> None:
-        """Resets the entry's idle time so no other process reclaims it while we work."""
-        await self._redis.xclaim(
-            delivery.stream,
-            keys.ENGINE_GROUP,
-            self.consumer,
-            0,
-            [delivery.entry_id],
-            justid=True,
-        )
-
     async def touch_all(self, deliveries: list[Delivery]) -> None:
-        """touch() for many entries in one round trip."""
+        """Resets the entries' idle time so no other process reclaims them while we work."""
         if not deliveries:
             return
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -29,14 +29,6 @@ class StopLossIndex:
         self._redis = redis
         self._trigger = redis.register_script(scripts.STOPLOSS_TRIGGER)
 
-    async def arm(self, symbol: str, strategy_id: str, stop_loss: Decimal) -> None:
-        await self._redis.zadd(
-            keys.stoploss_armed(symbol), {member(strategy_id, stop_loss): float(stop_loss)}
-        )
-
-    async def disarm(self, symbol: str, strategy_id: str, stop_loss: Decimal) -> None:
-        await self._redis.zrem(keys.stoploss_armed(symbol), member(strategy_id, stop_loss))
-
     async def tick(self, symbol: str, price: Decimal, low: Decimal | None = None) -> list[str]:
         """Stores the price; returns the strategies whose stop-loss it breached (now fired).
         `low`, for a batch of ticks ending at `price`, is the batch's lowest price: it is the
@@ -46,16 +38,12 @@ class StopLossIndex:
             args.append(format_decimal(low))
         return await self._run(symbol, *args)
 
-    async def arm_and_recheck(self, symbol: str, strategy_id: str, stop_loss: Decimal) -> list[str]:
-        """arm(), then fire what the stored price already breaches, in one script call."""
-        entry = member(strategy_id, stop_loss)
-        return await self._run(symbol, "", "", entry, repr(float(stop_loss)))
-
     async def arm_and_recheck_all(
         self, armed: list[tuple[str, str, Decimal]]
     ) -> list[tuple[str, list[str]]]:
-        """arm_and_recheck() for many (symbol, strategy id, stop-loss) in one round trip;
-        returns (symbol, the strategies that fired on it) where any did."""
+        """Arms each (symbol, strategy id, stop-loss), then fires what its symbol's stored
+        price already breaches, one script call each, one round trip for all; returns
+        (symbol, the strategies that fired on it) where any did."""
         if not armed:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -71,7 +59,7 @@ class StopLossIndex:
         ]
 
     async def disarm_all(self, armed: list[tuple[str, str, Decimal]]) -> None:
-        """disarm() for many (symbol, strategy id, stop-loss) in one round trip."""
+        """Takes each (symbol, strategy id, stop-loss) out of the index, one round trip."""
         if not armed:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
