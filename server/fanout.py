@@ -87,13 +87,13 @@ class TenantFeed:
                 self._items.extend(encode(p, fields, self._encoder) for p, fields in batch)
                 self._last = batch[-1][0]
                 self._trim()
-                self._wake()
+                self.wake()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to every subscriber, which ends
             log.warning("event stream reader failed: %s", exc)
             self.error = exc
-            self._wake()
+            self.wake()
 
     def _trim(self) -> None:
         # In halves, so that dropping from the front stays amortised O(1) per event.
@@ -102,6 +102,7 @@ class TenantFeed:
             self.floor = self._items[drop - 1].position
             del self._items[:drop]
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Wakes every subscriber waiting on `changed` (new events, an error, shutdown)."""
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()

@@ -40,6 +40,8 @@ class EventStreams:
     def close(self) -> None:
         """Ends every open subscription with UNAVAILABLE (the client resumes elsewhere)."""
         self._closing.set()
+        for feed in self._feeds.values():
+            feed.wake()
 
     async def events(
         self,
@@ -48,9 +50,10 @@ class EventStreams:
         strategy_id: str,
         after_event_id: str,
         on_start: Callable[[str], Awaitable[None]] | None = None,
-    ) -> AsyncGenerator[tuple[str, bytes]]:
-        """(event_id, the encoded event) for each event after the start position, which is
-        given to `on_start` (as an event_id to resume after) once it is fixed."""
+    ) -> AsyncGenerator[list[bytes]]:
+        """The encoded events after the start position, in order, as many at a time as have
+        arrived; the start position is given to `on_start` (as an event_id to resume after)
+        once it is fixed."""
         position, last = await self._start(kind, tenant, after_event_id)
         if on_start is not None:
             await on_start(format_stream_id(position))
@@ -66,12 +69,16 @@ class EventStreams:
                 if items is None:  # behind the shared buffer: catch up from Redis
                     items = await self._catch_up(kind, tenant, position)
                 if not items:
-                    await self._wait(changed)
+                    # close() wakes every feed, so this wait needs no second waiter.
+                    await changed.wait()
                     continue
-                for item in items:
-                    position = item.position
-                    if not strategy_id or item.strategy_id == strategy_id:
-                        yield item.event_id, item.payload
+                position = items[-1].position
+                if strategy_id:
+                    payloads = [i.payload for i in items if i.strategy_id == strategy_id]
+                    if payloads:
+                        yield payloads
+                else:
+                    yield [item.payload for item in items]
         finally:
             await self._unsubscribe(kind, tenant, feed)
 
@@ -121,12 +128,3 @@ class EventStreams:
             kind, tenant, position, block_ms=None, count=self._batch
         )
         return [encode(p, fields, self._encoders[kind]) for p, fields in batch]
-
-    async def _wait(self, changed: asyncio.Event) -> None:
-        closing = asyncio.ensure_future(self._closing.wait())
-        arrived = asyncio.ensure_future(changed.wait())
-        try:
-            await asyncio.wait({closing, arrived}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (closing, arrived):
-                task.cancel()

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import secrets
-import signal
-import sys
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -139,36 +136,6 @@ async def _one_run(
         )
 
 
-@contextlib.asynccontextmanager
-async def echo_process() -> AsyncIterator[tuple[str, int]]:
-    """The echo server in its own process; yields its address and pid."""
-    port = harness.free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "scripts.bench.echo_server",
-        "--port",
-        str(port),
-        cwd=harness.ROOT,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        line = await asyncio.wait_for(process.stdout.readline(), 30)
-        if READY_LINE not in line.decode():
-            raise RuntimeError(f"echo server did not start (exit {process.returncode})")
-        yield f"127.0.0.1:{port}", process.pid
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
 async def run(
     *,
     quick: bool = False,
@@ -187,7 +154,7 @@ async def run(
     phases = Phases()
     metadata = [harness.metadata(f"tenant-{t}") for t in range(tenants)]
     async with (
-        echo_process() as (echo_addr, echo_pid),
+        harness.baseline_process("scripts.bench.echo_server", READY_LINE) as (echo_addr, echo_pid),
         grpc.aio.insecure_channel(echo_addr) as echo_channel,
     ):
         echo = Endpoint(harness.aio_stub(echo_channel), harness.ProcessMeter(echo_pid), metadata)

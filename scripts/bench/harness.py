@@ -12,6 +12,7 @@ same sizes from the command line and prints the report.
 Pieces:
     redis_server()          a redis-server on a free port in a temp dir (sync or async `with`)
     server_process(url)     `python -m server` against it, SERVING and open for trading
+    baseline_process(m)     a bare grpc.aio baseline (echo, raw fan-out) in its own process
     token / metadata        bearer tokens any server started here accepts (fixed secret)
     future_spec / spec_at   valid specs: nothing fires, or BUY/SELL at given instants
     TickFeed                a websocket price feed in this process, in the JSON format
@@ -300,6 +301,41 @@ async def server_process(
         await _stop(server.process, stop_grace_s)
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def baseline_process(
+    module: str, ready_line: str, *args: str
+) -> AsyncIterator[tuple[str, int]]:
+    """A baseline server (`python -m module --port P *args`) in its own process, like the
+    real server, so that neither shares an interpreter with the client; yields its address
+    and pid once it printed `ready_line`, and stops it (SIGINT, then SIGKILL) on exit."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        "--port",
+        str(port),
+        *args,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        if ready_line not in line.decode():
+            raise RuntimeError(f"{module} did not start (exit {process.returncode})")
+        yield f"127.0.0.1:{port}", process.pid
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 async def _spawn(env: dict[str, str], directory: Path, addr: str) -> ServerProcess:

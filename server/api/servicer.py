@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from server.api.convert import (
     strategy_to_proto,
 )
 from server.api.interceptors import tenant
+from server.api.stall_watch import StallWatch
 from server.errors import InvalidArgument, ResourceExhausted
 from server.manager import StrategyManager
 from server.store.codec import Flat, order_from_flat, runtime_from_flat
@@ -34,7 +36,9 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
     ) -> None:
         self._manager = manager
         self._streams = streams
-        self._stall_s = stall_s
+        # A subscriber whose flow-control window stays full for stall_s is cut off, so a
+        # reader that stopped cannot hold server resources; it resumes with after_event_id.
+        self._stalls = StallWatch(stall_s)
 
     async def CreateStrategy(
         self, request: pb.CreateStrategyRequest, context: Context
@@ -110,24 +114,25 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
             await context.send_initial_metadata(((START_AFTER_HEADER, start_after),))
 
         events = self._streams.events(kind, owner, strategy_id, after_event_id, announce)
-        # aclosing: the subscription ends with the call, not whenever the generator is collected.
-        async with contextlib.aclosing(events):
-            async for _event_id, payload in events:
-                await self._write(context, payload)
-
-    async def _write(self, context: Context, message: Any) -> None:
-        """A subscriber whose flow-control window stays full for stall_s is cut off, so a
-        reader that stopped cannot hold server resources; it resumes with after_event_id."""
+        writer = self._stalls.watch()
         try:
-            # asyncio.timeout, not wait_for: no task per message (a tenth of the CPU of a
-            # delivery at 10,000 a second).
-            async with asyncio.timeout(self._stall_s):
-                await context.write(message)
-        except TimeoutError:
+            # aclosing: the subscription ends with the call, not whenever the generator is
+            # collected.
+            async with contextlib.aclosing(events):
+                async for payloads in events:
+                    for payload in payloads:
+                        writer.since = time.monotonic()
+                        await context.write(payload)
+                    writer.since = None
+        except asyncio.CancelledError:
+            if not writer.cut_off():
+                raise
             raise ResourceExhausted(
-                f"stream consumer read nothing for {self._stall_s:g}s; "
+                f"stream consumer read nothing for {self._stalls.stall_s:g}s; "
                 "reconnect with after_event_id"
             ) from None
+        finally:
+            self._stalls.unwatch(writer)
 
 
 def encode_runtime_event(event_id: str, fields: Flat) -> bytes:
