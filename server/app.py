@@ -342,7 +342,11 @@ class App:
             self._symbols = {strategy.spec.symbol for strategy, _ in live}
         else:
             overlap_us = int((2 * self._settings.timer_sync_s + 1) * 1_000_000)
-            changed = await self._db.list_changed_since(self._synced_us - overlap_us)
+            # What this process scheduled itself comes back unchanged: skipped unbuilt, as a
+            # burst of Starts would otherwise be read back and rebuilt every round.
+            changed = await self._db.list_changed_since(
+                self._synced_us - overlap_us, known=self._scheduler.knows
+            )
             for strategy, runtime in changed:
                 self._scheduler.schedule(strategy, runtime)  # no longer live: cancelled
             self._symbols |= {s.spec.symbol for s, runtime in changed if runtime.status.live}

@@ -44,7 +44,7 @@ from server.store.codec import (
     strategy_to_flat,
     to_micros,
 )
-from server.store.db import Database, IdempotencyConflict, IdempotencyKey
+from server.store.db import Database, IdempotencyConflict, IdempotencyKey, StoredResponse
 from server.store.locks import StrategyLocks
 from server.store.queue import OrderEvent, OrderQueue
 from server.store.state import RedisState
@@ -134,15 +134,25 @@ class StrategyManager:
         validate_request_id(request_id)
         self._require_trading()
         key = _key(request_id, "start", strategy_id)
-        if key and (replayed := await self._replay(tenant, key)) is not None:
-            return await self._ensure_hot(tenant, runtime_from_flat(replayed))
         if not is_strategy_id(strategy_id):
+            if key:  # a request_id used before for another request is named first
+                await self._replay(tenant, key)
             raise strategy_not_found(strategy_id)
         now = self._clock.now()
+
+        def change(strategy: Strategy, runtime: Runtime) -> Runtime:
+            return start_runtime(strategy, runtime, now)
+
         try:
-            strategy, runtime, _ = await self._db.transition(
-                tenant, strategy_id, lambda s, r: start_runtime(s, r, now), key
-            )
+            if key is None:
+                strategy, runtime, _ = await self._db.transition(tenant, strategy_id, change)
+            else:
+                # A stored response for this request_id comes back instead (a retry).
+                outcome = await self._db.transition_once(tenant, strategy_id, change, key)
+                if isinstance(outcome, StoredResponse):
+                    replayed = _checked(outcome, key)
+                    return await self._ensure_hot(tenant, runtime_from_flat(replayed))
+                strategy, runtime, _ = outcome
         except IdempotencyConflict:
             replayed = await self._replay_after_race(tenant, key)
             return await self._ensure_hot(tenant, runtime_from_flat(replayed))
@@ -305,19 +315,22 @@ class StrategyManager:
 
     async def _replay(self, tenant: str, key: IdempotencyKey) -> dict[str, str] | None:
         stored = await self._db.get_response(tenant, key.request_id)
-        if stored is None:
-            return None
-        if stored.fingerprint != key.fingerprint:
-            raise InvalidArgument(
-                "request_id", "was already used by this tenant for a different request"
-            )
-        return stored.body
+        return _checked(stored, key) if stored is not None else None
 
     async def _replay_after_race(self, tenant: str, key: IdempotencyKey | None) -> dict[str, str]:
         replayed = await self._replay(tenant, key) if key else None
         if replayed is None:  # pragma: no cover - a conflict implies a stored response
             raise RuntimeError("idempotency conflict without a stored response")
         return replayed
+
+
+def _checked(stored: StoredResponse, key: IdempotencyKey) -> dict[str, str]:
+    """The stored response's body, when it was stored for this same request."""
+    if stored.fingerprint != key.fingerprint:
+        raise InvalidArgument(
+            "request_id", "was already used by this tenant for a different request"
+        )
+    return stored.body
 
 
 def _key(request_id: str, method: str, body: str) -> IdempotencyKey | None:

@@ -58,6 +58,9 @@ class Scheduler:
         )
         self._fired: set[tuple[str, int, Intent]] = set()
         self._timers: dict[_Key, _Timer] = {}
+        # The runtime version each live strategy's timers were last set from: the periodic
+        # sync skips what it reads back unchanged (see `knows`).
+        self._versions: dict[str, int] = {}
         self._instants: dict[int, dict[_Key, _Timer]] = {}
         # Every instant with timers (and some whose timers were cancelled), earliest first;
         # APScheduler holds one job, for the earliest (_next_us).
@@ -77,11 +80,17 @@ class Scheduler:
         if not runtime.status.live:
             self.cancel(strategy.id)
             return
+        self._versions[strategy.id] = runtime.version
         if runtime.status is StrategyStatus.SCHEDULED and runtime.position is Position.NONE:
             self._add(strategy, runtime, Intent.BUY, strategy.spec.buy_time)
         self._add(strategy, runtime, Intent.SELL, strategy.spec.sell_time)
 
+    def knows(self, strategy_id: str, version: int) -> bool:
+        """True when the timers of this strategy were set from this very runtime version."""
+        return self._versions.get(strategy_id) == version
+
     def cancel(self, strategy_id: str) -> None:
+        self._versions.pop(strategy_id, None)
         for intent in (Intent.BUY, Intent.SELL):
             self._remove((strategy_id, intent))
 

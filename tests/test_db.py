@@ -314,6 +314,30 @@ async def test_transition_stores_its_response_once(db: Database) -> None:
     assert (await db.get_strategy(TENANT, strategy.id))[1] == bumped
 
 
+async def test_transition_once_gives_back_the_stored_response_on_a_retry(db: Database) -> None:
+    strategy, runtime = make_strategy()
+    await insert(db, strategy, runtime)
+    key = IdempotencyKey("start-1", "fp")
+    first = await db.transition_once(TENANT, strategy.id, bump, key)
+    assert not isinstance(first, StoredResponse)
+    _, bumped, changed = first
+    assert changed and bumped.version == runtime.version + 1
+
+    retried = await db.transition_once(TENANT, strategy.id, bump, key)
+    assert isinstance(retried, StoredResponse)
+    assert retried.fingerprint == "fp"
+    assert retried.body["version"] == str(bumped.version)
+    # The retry changed nothing.
+    assert (await db.get_strategy(TENANT, strategy.id))[1] == bumped
+
+    # Another tenant's request_id of the same name is its own, and the strategy is not theirs.
+    with pytest.raises(NotFound):
+        await db.transition_once(OTHER, strategy.id, bump, key)
+    with pytest.raises(NotFound):
+        await db.transition_once(TENANT, "stg_" + "0" * 32, bump, IdempotencyKey("s-2", "fp"))
+    assert await db.get_response(TENANT, "s-2") is None
+
+
 def make_order(strategy: Strategy, kind: OrderKind, **changes: object) -> Order:
     order = Order(
         id=f"{strategy.id}-1-{kind.value}",

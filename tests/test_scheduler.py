@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import cast
@@ -89,3 +90,21 @@ async def test_a_timer_in_the_past_fires_at_once(scheduler: Scheduler, redis: Re
     scheduler.schedule(*pair)
     await asyncio.sleep(0.3)
     assert await fired_buys(redis) == [pair[0].id]
+
+
+async def test_knows_the_version_its_timers_were_set_from_until_cancelled(
+    scheduler: Scheduler,
+) -> None:
+    stg, runtime = strategy(7, datetime.now(UTC) + timedelta(hours=1))
+    assert not scheduler.knows(stg.id, runtime.version)
+    scheduler.schedule(stg, runtime)
+    assert scheduler.knows(stg.id, runtime.version)
+    # Another version (a replica's change) is news to the timer sync.
+    assert not scheduler.knows(stg.id, runtime.version + 1)
+    stopped = replace(runtime, status=StrategyStatus.STOPPED, version=runtime.version + 1)
+    scheduler.schedule(stg, stopped)
+    assert not scheduler.knows(stg.id, runtime.version)
+    assert not scheduler.knows(stg.id, stopped.version)
+    scheduler.schedule(stg, runtime)
+    scheduler.cancel(stg.id)
+    assert not scheduler.knows(stg.id, runtime.version)

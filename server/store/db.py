@@ -276,6 +276,36 @@ class Database:
                 return _with_status(strategy, updated), updated, True
         raise RuntimeError(f"strategy {strategy_id}: too many concurrent updates")
 
+    async def transition_once(
+        self,
+        tenant: str,
+        strategy_id: str,
+        change: Transition,
+        idempotency: IdempotencyKey,
+    ) -> StoredResponse | tuple[Strategy, Runtime, bool]:
+        """transition() for a call with a request_id, unless a response is already stored
+        under it: then that response. On SQLite the stored response and the strategy are
+        read in one hop (a Start by id otherwise paid a hop for the lookup alone)."""
+        if self._hot_writer is None:
+            stored = await self.get_response(tenant, idempotency.request_id)
+            if stored is not None:
+                return stored
+            return await self.transition(tenant, strategy_id, change, idempotency)
+        found, stored_row = await self._hot_writer.fetch_rows(
+            [
+                (StrategyRow.__tablename__, {"id": strategy_id}),
+                (
+                    IdempotencyRow.__tablename__,
+                    {"tenant": tenant, "request_id": idempotency.request_id},
+                ),
+            ]
+        )
+        if stored_row is not None:
+            return StoredResponse(stored_row["fingerprint"], json.loads(stored_row["response"]))
+        return await self._transition_hot(
+            self._hot_writer, tenant, strategy_id, change, idempotency, first_read=(found,)
+        )
+
     async def _transition_hot(
         self,
         writer: SqliteWriter,
@@ -283,11 +313,16 @@ class Database:
         strategy_id: str,
         change: Transition,
         idempotency: IdempotencyKey | None,
+        first_read: tuple[dict[str, Any] | None] | None = None,
     ) -> tuple[Strategy, Runtime, bool]:
         """transition() on SQLite: a read and a version-checked write, one hop each, with no
-        lock held between them (the version check is the concurrency control)."""
+        lock held between them (the version check is the concurrency control). `first_read`
+        holds the strategy's row when the caller has read it already."""
         for _ in range(_MAX_CONFLICT_RETRIES):
-            values = await writer.fetch_one(StrategyRow.__tablename__, {"id": strategy_id})
+            if first_read is not None:
+                (values,), first_read = first_read, None
+            else:
+                values = await writer.fetch_one(StrategyRow.__tablename__, {"id": strategy_id})
             if values is None or values["tenant"] != tenant:
                 raise strategy_not_found(strategy_id)
             row = cast(StrategyRow, SimpleNamespace(**values))
@@ -349,20 +384,28 @@ class Database:
             )
         return found
 
-    async def list_changed_since(self, since_us: int) -> list[tuple[Strategy, Runtime]]:
-        """Every strategy whose runtime changed at or after `since_us`, live or not."""
+    async def list_changed_since(
+        self, since_us: int, known: Callable[[str, int], bool] | None = None
+    ) -> list[tuple[Strategy, Runtime]]:
+        """Every strategy whose runtime changed at or after `since_us`, live or not, except
+        those for which `known(id, version)` is true (rows skipped before they are built)."""
         if self._hot_writer is not None:
-            return await self._hot_strategies("updated_at >= ?", [since_us])
-        return await self._strategies(col(StrategyRow.updated_at) >= since_us)
+            return await self._hot_strategies("updated_at >= ?", [since_us], known)
+        found = await self._strategies(col(StrategyRow.updated_at) >= since_us)
+        if known is None:
+            return found
+        return [(s, r) for s, r in found if not known(s.id, r.version)]
 
     async def _hot_strategies(
-        self, where: str, params: list[Any]
+        self, where: str, params: list[Any], known: Callable[[str, int], bool] | None = None
     ) -> list[tuple[Strategy, Runtime]]:
         """On SQLite, read on the bulk reader's thread into plain holders: the timer sync
         reads every strategy changed in the last seconds, thousands under load, and the
         ORM's per-row cost on the event loop showed as stalls of StartStrategy."""
         assert self._bulk_reader is not None
         rows = await self._bulk_reader.fetch_where(StrategyRow.__tablename__, where, params)
+        if known is not None:
+            rows = [values for values in rows if not known(values["id"], values["version"])]
         found = [cast(StrategyRow, SimpleNamespace(**values)) for values in rows]
         return [(_strategy(row), _runtime(row)) for row in found]
 

@@ -80,6 +80,12 @@ class SqliteWriter:
         """The row matching every column = value in `where`, as a dict."""
         return await self._call(partial(self._fetch_one, table, where))
 
+    async def fetch_rows(
+        self, queries: list[tuple[str, dict[str, Any]]]
+    ) -> list[dict[str, Any] | None]:
+        """fetch_one() for each (table, where) in one hop."""
+        return await self._call(partial(self._fetch_rows, queries))
+
     async def fetch_where(self, table: str, where: str, params: list[Any]) -> list[dict[str, Any]]:
         """Every row of `table` matching `where` (SQL with ? placeholders: our own text,
         never a caller's input; the values go in `params`)."""
@@ -230,6 +236,9 @@ class SqliteWriter:
         row = self._connection().execute(f'SELECT * FROM "{table}" WHERE {condition}', where)
         found = row.fetchone()
         return dict(found) if found is not None else None
+
+    def _fetch_rows(self, queries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any] | None]:
+        return [self._fetch_one(table, where) for table, where in queries]
 
     def _fetch_where(self, table: str, where: str, params: list[Any]) -> list[dict[str, Any]]:
         rows = self._connection().execute(f'SELECT * FROM "{table}" WHERE {where}', params)
