@@ -9,6 +9,8 @@ formatters blank anything that looks like a bearer token or a JWT.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import re
@@ -100,19 +102,68 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(entry, ensure_ascii=False))
 
 
+class FlushBehindHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that flushes WARNING and above at once and INFO and below at most
+    FLUSH_S later, together: a write to stderr per line was a tenth of a StartStrategy
+    (each Start logs one line, and a write is a system call). A process killed outright
+    loses at most FLUSH_S of INFO lines; logging.shutdown() at exit flushes the rest."""
+
+    FLUSH_S = 0.05
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._flush_due = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self.flush()
+        elif not self._flush_due:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a thread without a loop: nothing to flush it later
+                self.flush()
+                return
+            self._flush_due = True
+            loop.call_later(self.FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        self._flush_due = False
+        super().flush()
+
+
+def _stderr_buffered() -> TextIO:
+    """stderr's file, behind a buffer of our own (sys.stderr writes out every line); stderr
+    itself when it has no file (a test capturing it)."""
+    try:
+        raw = io.FileIO(sys.stderr.fileno(), "w", closefd=False)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return sys.stderr
+    return io.TextIOWrapper(
+        io.BufferedWriter(raw, 1 << 16), encoding="utf-8", errors="backslashreplace"
+    )
+
+
 def configure(level: str, fmt: LogFormat, stream: TextIO | None = None) -> logging.Handler:
     """Sends every logger's records to `stream` (stderr) in the chosen format; replaces the
     handler an earlier call installed. Returns the handler."""
     # Neither format shows them, and looking them up for every record (the multiprocessing
     # process name above all) was a visible share of each StartStrategy.
     logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = FlushBehindHandler(stream or _stderr_buffered())
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.set_name("algoplane")
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "algoplane"]:
         root.removeHandler(old)
+        old.flush()
     root.addHandler(handler)
     root.setLevel(level)
     return handler

@@ -178,3 +178,27 @@ async def test_the_server_process_logs_json_and_serves_metrics(
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=5) as reply:
         return bytes(reply.read())
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed = ""
+
+    def flush(self) -> None:
+        self.flushed = self.getvalue()
+
+
+async def test_info_lines_are_flushed_together_soon_and_warnings_at_once() -> None:
+    stream = _CountingStream()
+    handler = logs.configure("INFO", "text", stream)
+    try:
+        log.info("first")
+        log.info("second")
+        assert "first" in stream.getvalue() and stream.flushed == ""
+        await asyncio.sleep(logs.FlushBehindHandler.FLUSH_S * 3)
+        assert "first" in stream.flushed and "second" in stream.flushed
+        log.warning("at once")
+        assert "at once" in stream.flushed
+    finally:
+        logging.getLogger().removeHandler(handler)

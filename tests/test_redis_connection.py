@@ -3,7 +3,10 @@ lost its script cache run every command exactly once, and errors come back as re
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from server.store.connection import execute
@@ -39,4 +42,71 @@ async def test_a_pipeline_after_script_flush_runs_each_command_once(
             replies = await execute(pipe, raise_on_error=False)
         assert isinstance(replies[0], ResponseError)
     finally:
+        await client.aclose()
+
+
+async def test_pipelines_sent_together_each_get_their_own_replies(
+    redis_proc: RedisProcess,
+) -> None:
+    client = connect(redis_proc.url, timeout_s=2)
+    try:
+        await client.delete(*[f"n{k}" for k in range(50)], "wrong")
+        await client.set("wrong", "x")
+
+        async def one(k: int, raise_on_error: bool = False) -> list[object]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.incrby(f"n{k}", k)
+                pipe.hset(f"h{k}", mapping={"k": str(k)})
+                pipe.hgetall(f"h{k}")
+                if k % 7 == 0:
+                    pipe.hset("wrong", "f", "v")  # WRONGTYPE for this pipeline alone
+                return await execute(pipe, raise_on_error=raise_on_error)
+
+        # Started in one turn of the loop: they share writes.
+        results = await asyncio.gather(*(one(k) for k in range(50)))
+        for k, replies in enumerate(results):
+            assert replies[:3] == [k, 1, {"k": str(k)}]
+            if k % 7 == 0:
+                assert isinstance(replies[3], ResponseError)
+            else:
+                assert len(replies) == 3
+        failing, passing = await asyncio.gather(
+            one(7, raise_on_error=True), one(8, raise_on_error=True), return_exceptions=True
+        )
+        assert isinstance(failing, ResponseError) and "WRONGTYPE" in str(failing)
+        assert passing == [16, 0, {"k": "8"}]
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_killed_under_shared_pipelines_fails_them_all_and_heals(
+    redis_proc: RedisProcess,
+) -> None:
+    client = connect(redis_proc.url, timeout_s=2)
+    admin = connect(redis_proc.url, timeout_s=2)
+    try:
+        await client.delete("slow", "beside")
+
+        async def blocked() -> list[object]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set("before", "1")
+                pipe.blpop(["slow"], timeout=5)  # holds the shared connection
+                return await execute(pipe)
+
+        async def beside() -> list[object]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.incr("beside")
+                return await execute(pipe)
+
+        running = [asyncio.ensure_future(blocked()), asyncio.ensure_future(beside())]
+        await asyncio.sleep(0.3)
+        killed = await admin.client_kill_filter(_type="normal", skipme=True)
+        assert killed >= 1
+        for task in running:
+            with pytest.raises(RedisConnectionError):
+                await task
+        # The next pipelines get a fresh connection.
+        assert sorted(int(str(r[0])) for r in await asyncio.gather(beside(), beside())) == [1, 2]
+    finally:
+        await admin.aclose()
         await client.aclose()

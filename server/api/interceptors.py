@@ -54,6 +54,10 @@ class _BehaviourInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
     `context.write` rather than yielding, so both kinds are coroutines and one wrapper
     serves both."""
 
+    def __init__(self) -> None:
+        # method -> (the handler it was given, the handler it made of it)
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+
     def wrap(self, behaviour: Behaviour) -> Behaviour:
         raise NotImplementedError
 
@@ -74,6 +78,18 @@ class _BehaviourInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
             return handler
+        # Wrapped once per method, not per call: the handler that comes back is the same
+        # object every time (the inner interceptors keep theirs too).
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_handler(handler, handler_call_details.method)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], full_method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         factory: Any
         if handler.unary_unary is not None:
             behaviour, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
@@ -81,7 +97,7 @@ class _BehaviourInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
             behaviour, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
         else:
             return handler
-        method = handler_call_details.method.removeprefix(SERVICE_PREFIX)
+        method = full_method.removeprefix(SERVICE_PREFIX)
         streaming = handler.unary_stream is not None
         wrapped: grpc.RpcMethodHandler[Any, Any] = factory(
             self.wrap_rpc(cast(Behaviour, behaviour), method, streaming),
@@ -97,6 +113,7 @@ class MetricsInterceptor(_BehaviourInterceptor):
     every exception into the final status (an abort) by the time a call returns here."""
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self._metrics = metrics
 
     def wrap_rpc(self, behaviour: Behaviour, method: str, streaming: bool) -> Behaviour:
@@ -143,6 +160,7 @@ class AuthInterceptor(_BehaviourInterceptor):
     """Verifies the bearer token before the handler runs and records the tenant."""
 
     def __init__(self, verifier: TokenVerifier) -> None:
+        super().__init__()
         self._verifier = verifier
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
