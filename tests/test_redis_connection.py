@@ -9,6 +9,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from server.store import connection
 from server.store.connection import execute
 from server.store.state import connect
 from tests.support import RedisProcess
@@ -85,28 +86,35 @@ async def test_a_connection_killed_under_shared_pipelines_fails_them_all_and_hea
     client = connect(redis_proc.url, timeout_s=2)
     admin = connect(redis_proc.url, timeout_s=2)
     try:
-        await client.delete("slow", "beside")
+        await client.delete("slow", "counted")
 
-        async def blocked() -> list[object]:
+        async def blocked(n: int) -> list[object]:
             async with client.pipeline(transaction=False) as pipe:
-                pipe.set("before", "1")
-                pipe.blpop(["slow"], timeout=5)  # holds the shared connection
+                pipe.incr("counted")
+                pipe.blpop([f"slow{n}"], timeout=5)  # holds its connection
                 return await execute(pipe)
 
-        async def beside() -> list[object]:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.incr("beside")
-                return await execute(pipe)
-
-        running = [asyncio.ensure_future(blocked()), asyncio.ensure_future(beside())]
+        # The first _DIRECT_WHILE go out at once, each on its own connection; the two that
+        # come while those are in flight share a write.
+        direct = connection._DIRECT_WHILE
+        running = [asyncio.ensure_future(blocked(n)) for n in range(direct + 2)]
         await asyncio.sleep(0.3)
-        killed = await admin.client_kill_filter(_type="normal", skipme=True)
-        assert killed >= 1
+        # The shared write's second INCR waits behind its first BLPOP (one connection runs
+        # its commands in order).
+        assert await admin.get("counted") == str(direct + 1)
+        assert await admin.client_kill_filter(_type="normal", skipme=True) >= direct + 1
         for task in running:
             with pytest.raises(RedisConnectionError):
                 await task
-        # The next pipelines get a fresh connection.
-        assert sorted(int(str(r[0])) for r in await asyncio.gather(beside(), beside())) == [1, 2]
+
+        async def plain() -> list[object]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.incr("counted")
+                return await execute(pipe)
+
+        # The next pipelines get fresh connections.
+        got = await asyncio.gather(plain(), plain(), plain())
+        assert sorted(int(str(r[0])) for r in got) == [direct + 2, direct + 3, direct + 4]
     finally:
         await admin.aclose()
         await client.aclose()

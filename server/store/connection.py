@@ -87,12 +87,16 @@ def _take(pipe: Pipeline) -> list[tuple[Any, Any]]:
     return stack
 
 
+# Pipelines that go out on their own, at once, while fewer than this many writes are in flight.
+_DIRECT_WHILE = 4
+
 _Queued = tuple[Pipeline, list[tuple[Any, Any]], "asyncio.Future[list[Any]]"]
 
 
 class _Coalescer:
-    """Pipelines queued in one turn of the loop go to Redis together: one write, one
-    connection, their replies read in order and handed back to each.
+    """A pipeline goes out at once while few others are in flight; when more are, it
+    queues, and the queued ones go to Redis together at the next turn of the loop: one
+    write, one connection, their replies read in order and handed back to each.
 
     On this 2-core machine a send on a loopback socket costs more than everything redis-py
     does around it, and under load dozens of tasks each send their own small pipeline in the
@@ -105,10 +109,21 @@ class _Coalescer:
         self._pool = pool
         self._timeout_s = pool.connection_kwargs.get("socket_timeout")
         self._queued: list[_Queued] = []
+        self._busy = 0  # writes in flight
         self._writes: set[asyncio.Task[None]] = set()
 
     async def run(self, pipe: Pipeline, stack: list[tuple[Any, Any]]) -> list[Any]:
         replies: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if self._busy < _DIRECT_WHILE:
+            # Few in flight: sent at once, from the caller's own task, so that a server that
+            # is not loaded (a stop-loss exit beside the price flusher) waits for no turn of
+            # the loop. Beyond that, pipelines queue up and go together.
+            self._busy += 1
+            try:
+                await self._send_and_read([(pipe, stack, replies)])
+            finally:
+                self._busy -= 1
+            return replies.result()
         if not self._queued:
             # The write's first step runs in the loop's next turn: whatever else is queued
             # in this turn goes with it. Its own task, in an empty context: it serves many
@@ -122,6 +137,7 @@ class _Coalescer:
 
     async def _write(self) -> None:
         queued, self._queued = self._queued, []
+        self._busy += 1
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._send_and_read(queued)
@@ -132,11 +148,14 @@ class _Coalescer:
                     replies.set_exception(failure)
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            self._busy -= 1
 
     async def _send_and_read(self, queued: list[_Queued]) -> None:
         connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        # Reads run under one deadline: the caller's (execute) or _write's.
+        marked = _UNDER_DEADLINE.set(True)
         try:
-            _UNDER_DEADLINE.set(True)  # this task's own: reads run under _write's deadline
             commands = [args for _, stack, _ in queued for args, _ in stack]
             await connection.send_packed_command(connection.pack_commands(commands))
             for pipe, stack, replies in queued:
@@ -152,6 +171,7 @@ class _Coalescer:
             await connection.disconnect(nowait=True)
             raise
         finally:
+            _UNDER_DEADLINE.reset(marked)
             await self._pool.release(connection)
 
 
