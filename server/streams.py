@@ -10,7 +10,6 @@ flow control holds it back).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 
 from server.errors import InvalidArgument, OutOfRange, Unavailable
@@ -34,12 +33,12 @@ class EventStreams:
         self._block_ms = block_ms
         self._batch = batch
         self._buffer = buffer
-        self._closing = asyncio.Event()
+        self._closing = False
         self._feeds: dict[tuple[StreamKind, str], TenantFeed] = {}
 
     def close(self) -> None:
         """Ends every open subscription with UNAVAILABLE (the client resumes elsewhere)."""
-        self._closing.set()
+        self._closing = True
         for feed in self._feeds.values():
             feed.wake()
 
@@ -61,7 +60,7 @@ class EventStreams:
         try:
             while True:
                 changed = feed.changed
-                if self._closing.is_set():
+                if self._closing:
                     raise Unavailable("server is shutting down; resume with after_event_id")
                 if feed.error is not None:
                     raise Unavailable(f"event stream unavailable ({feed.error}); resume later")
@@ -86,7 +85,7 @@ class EventStreams:
         self, kind: StreamKind, tenant: str, after_event_id: str
     ) -> tuple[StreamId, StreamId]:
         """The subscriber's start position and the stream's last id."""
-        if self._closing.is_set():
+        if self._closing:
             raise Unavailable("server is shutting down")
         bounds = await self._state.stream_bounds(kind, tenant)
         if not after_event_id:

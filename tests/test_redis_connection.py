@@ -4,8 +4,10 @@ lost its script cache run every command exactly once, and errors come back as re
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -17,73 +19,67 @@ from tests.support import RedisProcess
 ADD = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
 
-async def test_a_pipeline_after_script_flush_runs_each_command_once(
-    redis_proc: RedisProcess,
-) -> None:
+@pytest.fixture
+async def client(redis_proc: RedisProcess) -> AsyncIterator[Redis]:
     client = connect(redis_proc.url, timeout_s=2)
-    try:
-        await client.delete("total", "plain")
-        add = client.register_script(ADD)
-        await client.script_flush()  # what a Redis restart does to the scripts
+    yield client
+    await client.aclose()
+
+
+async def test_a_pipeline_after_script_flush_runs_each_command_once(client: Redis) -> None:
+    await client.delete("total", "plain")
+    add = client.register_script(ADD)
+    await client.script_flush()  # what a Redis restart does to the scripts
+    async with client.pipeline(transaction=False) as pipe:
+        await add(keys=["total"], args=[2], client=pipe)
+        pipe.incr("plain")
+        await add(keys=["total"], args=[3], client=pipe)
+        assert await execute(pipe) == [2, 1, 5]
+    assert (await client.get("total"), await client.get("plain")) == ("5", "1")
+
+    async with client.pipeline(transaction=False) as pipe:  # loaded now: one trip
+        await add(keys=["total"], args=[1], client=pipe)
+        pipe.hset("plain", "f", "v")  # WRONGTYPE: the others still run
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await execute(pipe)
+    assert await client.get("total") == "6"
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.hset("plain", "f", "v")
+        replies = await execute(pipe, raise_on_error=False)
+    assert isinstance(replies[0], ResponseError)
+
+
+async def test_pipelines_sent_together_each_get_their_own_replies(client: Redis) -> None:
+    await client.delete(*[f"n{k}" for k in range(50)], "wrong")
+    await client.set("wrong", "x")
+
+    async def one(k: int, raise_on_error: bool = False) -> list[object]:
         async with client.pipeline(transaction=False) as pipe:
-            await add(keys=["total"], args=[2], client=pipe)
-            pipe.incr("plain")
-            await add(keys=["total"], args=[3], client=pipe)
-            assert await execute(pipe) == [2, 1, 5]
-        assert (await client.get("total"), await client.get("plain")) == ("5", "1")
-
-        async with client.pipeline(transaction=False) as pipe:  # loaded now: one trip
-            await add(keys=["total"], args=[1], client=pipe)
-            pipe.hset("plain", "f", "v")  # WRONGTYPE: the others still run
-            with pytest.raises(ResponseError, match="WRONGTYPE"):
-                await execute(pipe)
-        assert await client.get("total") == "6"
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.hset("plain", "f", "v")
-            replies = await execute(pipe, raise_on_error=False)
-        assert isinstance(replies[0], ResponseError)
-    finally:
-        await client.aclose()
-
-
-async def test_pipelines_sent_together_each_get_their_own_replies(
-    redis_proc: RedisProcess,
-) -> None:
-    client = connect(redis_proc.url, timeout_s=2)
-    try:
-        await client.delete(*[f"n{k}" for k in range(50)], "wrong")
-        await client.set("wrong", "x")
-
-        async def one(k: int, raise_on_error: bool = False) -> list[object]:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.incrby(f"n{k}", k)
-                pipe.hset(f"h{k}", mapping={"k": str(k)})
-                pipe.hgetall(f"h{k}")
-                if k % 7 == 0:
-                    pipe.hset("wrong", "f", "v")  # WRONGTYPE for this pipeline alone
-                return await execute(pipe, raise_on_error=raise_on_error)
-
-        # Started in one turn of the loop: they share writes.
-        results = await asyncio.gather(*(one(k) for k in range(50)))
-        for k, replies in enumerate(results):
-            assert replies[:3] == [k, 1, {"k": str(k)}]
+            pipe.incrby(f"n{k}", k)
+            pipe.hset(f"h{k}", mapping={"k": str(k)})
+            pipe.hgetall(f"h{k}")
             if k % 7 == 0:
-                assert isinstance(replies[3], ResponseError)
-            else:
-                assert len(replies) == 3
-        failing, passing = await asyncio.gather(
-            one(7, raise_on_error=True), one(8, raise_on_error=True), return_exceptions=True
-        )
-        assert isinstance(failing, ResponseError) and "WRONGTYPE" in str(failing)
-        assert passing == [16, 0, {"k": "8"}]
-    finally:
-        await client.aclose()
+                pipe.hset("wrong", "f", "v")  # WRONGTYPE for this pipeline alone
+            return await execute(pipe, raise_on_error=raise_on_error)
+
+    # Started in one turn of the loop: they share writes.
+    results = await asyncio.gather(*(one(k) for k in range(50)))
+    for k, replies in enumerate(results):
+        assert replies[:3] == [k, 1, {"k": str(k)}]
+        if k % 7 == 0:
+            assert isinstance(replies[3], ResponseError)
+        else:
+            assert len(replies) == 3
+    failing, passing = await asyncio.gather(
+        one(7, raise_on_error=True), one(8, raise_on_error=True), return_exceptions=True
+    )
+    assert isinstance(failing, ResponseError) and "WRONGTYPE" in str(failing)
+    assert passing == [16, 0, {"k": "8"}]
 
 
 async def test_a_connection_killed_under_shared_pipelines_fails_them_all_and_heals(
-    redis_proc: RedisProcess,
+    client: Redis, redis_proc: RedisProcess
 ) -> None:
-    client = connect(redis_proc.url, timeout_s=2)
     admin = connect(redis_proc.url, timeout_s=2)
     try:
         await client.delete("slow", "counted")
@@ -117,4 +113,3 @@ async def test_a_connection_killed_under_shared_pipelines_fails_them_all_and_hea
         assert sorted(int(str(r[0])) for r in got) == [direct + 2, direct + 3, direct + 4]
     finally:
         await admin.aclose()
-        await client.aclose()

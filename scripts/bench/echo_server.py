@@ -71,9 +71,13 @@ def handler() -> grpc.GenericRpcHandler[Any, Any]:
     )
 
 
-async def serve(port: int) -> None:
+async def serve_until_signalled(
+    handler: grpc.GenericRpcHandler[Any, Any], port: int, ready_line: str
+) -> None:
+    """A bare grpc.aio server with `handler` on 127.0.0.1:port; prints `ready_line` once it
+    listens, and stops on SIGTERM or SIGINT. Shared by the benchmarks' baselines."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((handler(),))
+    server.add_generic_rpc_handlers((handler,))
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"cannot bind 127.0.0.1:{port}")
     await server.start()
@@ -81,7 +85,7 @@ async def serve(port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(READY_LINE, flush=True)
+    print(ready_line, flush=True)
     await stop.wait()
     await server.stop(1)
 
@@ -89,7 +93,7 @@ async def serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port))
+    asyncio.run(serve_until_signalled(handler(), parser.parse_args().port, READY_LINE))
 
 
 if __name__ == "__main__":

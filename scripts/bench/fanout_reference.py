@@ -17,15 +17,14 @@ import asyncio
 import base64
 import contextlib
 import json
-import signal
 from typing import Any
 
 import grpc
 
+from scripts.bench.echo_server import SERVICE, serve_until_signalled
 from server.api.servicer import encode_runtime_event
 from server.store.state import RedisState, connect, format_stream_id
 
-SERVICE = "algoplane.v1.StrategyService"
 READY_LINE = "fanout reference: listening"
 
 
@@ -79,26 +78,14 @@ class Fanout:
 async def serve(port: int, redis_url: str) -> None:
     redis = connect(redis_url, timeout_s=10)
     fanout = Fanout(RedisState(client=redis, stream_client=redis, stream_maxlen=100_000))
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                SERVICE, {"StreamRuntime": grpc.unary_stream_rpc_method_handler(fanout.stream)}
-            ),
-        )
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {"StreamRuntime": grpc.unary_stream_rpc_method_handler(fanout.stream)}
     )
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-        raise OSError(f"cannot bind 127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(READY_LINE, flush=True)
-    await stop.wait()
-    await server.stop(1)
-    await fanout.stop()
-    await redis.aclose()
+    try:
+        await serve_until_signalled(handler, port, READY_LINE)
+    finally:
+        await fanout.stop()
+        await redis.aclose()
 
 
 def main() -> None:
