@@ -309,7 +309,7 @@ class ExecutionEngine:
         (a reset, a timeout) before any of them reached it."""
         await self._publish.runtime(runtime, strategy)
         if runtime.status is StrategyStatus.RUNNING and runtime.position is Position.BOUGHT:
-            await self._stoploss.arm(strategy)
+            await self._stoploss.arm(strategy, runtime.run)
         elif not runtime.status.live:
             await self._finish(strategy)
 
@@ -475,7 +475,7 @@ class ExecutionEngine:
         after, settled, follow_up = self.settle(event, runtime, order, reply)
         await self._commit(after, [settled], event.run)
         if follow_up is FollowUp.ARM:
-            await self._stoploss.arm(strategy)
+            await self._stoploss.arm(strategy, event.run)
         elif follow_up is FollowUp.FINISH:
             await self._finish(strategy)
 
@@ -559,11 +559,12 @@ class ExecutionEngine:
         await self._stoploss.disarm(strategy)
 
     async def follow_up_all(
-        self, follow_ups: list[tuple[Strategy | None, FollowUp | None]]
+        self, follow_ups: list[tuple[Strategy | None, int, FollowUp | None]]
     ) -> None:
-        """What settled orders of many strategies ask for, once committed."""
-        armed = [s for s, then in follow_ups if s is not None and then is FollowUp.ARM]
-        ended = [s for s, then in follow_ups if s is not None and then is FollowUp.FINISH]
+        """What settled orders of many strategies (each with its run) ask for, once
+        committed."""
+        armed = [(s, run) for s, run, then in follow_ups if s is not None and then is FollowUp.ARM]
+        ended = [s for s, _, then in follow_ups if s is not None and then is FollowUp.FINISH]
         for strategy in ended:
             self._cancel_timers(strategy.id)
         await self._stoploss.disarm_all(ended)

@@ -3,7 +3,7 @@
 Under a burst (10,000 BUYs due at one instant) the per-event path cost about 1.8 ms of the
 event loop per order: a dozen separate Redis round trips, three DB hops and the tasks around
 them, each paying redis-py's and asyncio's per-call overhead. Here the events a worker takes
-together share every step: one round trip takes their locks, one DB hop reads their
+together share every step: one round trip takes their locks while one DB hop reads their
 strategies and orders, one commits their intents, one pipeline publishes them; then the
 broker calls go side by side (one per order: a broker's API is per order), and one DB hop,
 two pipelines and one acknowledgement finish them all.
@@ -46,6 +46,10 @@ class _Item:
 
     delivery: Delivery
     event: OrderEvent
+    # What the DB held (read beside the lock): the strategy and its runtime, and the
+    # event's order.
+    found: tuple[Strategy, Runtime] | None = None
+    existing: Order | None = None
     strategy: Strategy | None = None
     runtime: Runtime | None = None
     order: Order | None = None
@@ -75,10 +79,25 @@ class BatchLane:
         returns the rest, not acknowledged, for the per-event path."""
         items, careful, done = _sort(deliveries)
         if items:
-            async with self._locks.held_where_free([i.event.strategy_id for i in items]) as tokens:
-                careful += [i.delivery for i in items if i.event.strategy_id not in tokens]
-                mine = [i for i in items if i.event.strategy_id in tokens]
-                finished, left = await self._run_locked(mine)
+            # The read goes out beside the locks' round trip instead of after it: a commit
+            # that slipped in between (its holder released the lock just before we took it)
+            # fails the intent's checks (runtime version, order not yet stored), and that
+            # event then goes to the per-event path, which reads again under the lock.
+            pairs = [(item.event.strategy_id, item.event.order_id) for item in items]
+            reading = asyncio.ensure_future(self._db.find_many(pairs))
+            try:
+                async with self._locks.held_where_free([p[0] for p in pairs]) as tokens:
+                    found = await reading
+                    for item, (row, existing) in zip(items, found, strict=True):
+                        item.found, item.existing = row, existing
+                    careful += [i.delivery for i in items if i.event.strategy_id not in tokens]
+                    mine = [i for i in items if i.event.strategy_id in tokens]
+                    finished, left = await self._run_locked(mine)
+            finally:
+                if not reading.done():
+                    reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reading  # its error, if any, went to the caller already
             careful += [item.delivery for item in left]
             done += [item.delivery for item in finished]
         try:
@@ -109,7 +128,7 @@ class BatchLane:
                 await self._queue.touch_all(deliveries)
 
     async def _execute(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
-        ready, finished, left = await self._read(items)
+        ready, finished, left = self._read(items)
         ready, lost = await self._save_intents(ready)
         left += lost
         placed, unplaced, failed = await self._place_all(ready)
@@ -126,19 +145,19 @@ class BatchLane:
                 left.append(item)
         return finished, left
 
-    async def _read(self, items: list[_Item]) -> tuple[list[_Item], list[_Item], list[_Item]]:
-        """(ready for the broker, finished here: unknown strategy, left)."""
-        pairs = [(item.event.strategy_id, item.event.order_id) for item in items]
+    def _read(self, items: list[_Item]) -> tuple[list[_Item], list[_Item], list[_Item]]:
+        """What the read found: (ready for the broker, finished here: unknown strategy,
+        left)."""
         ready: list[_Item] = []
         finished: list[_Item] = []
         left: list[_Item] = []
-        for item, (found, existing) in zip(items, await self._db.find_many(pairs), strict=True):
-            if found is None:
+        for item in items:
+            if item.found is None:
                 log.error("event for unknown strategy %s dropped", item.event.strategy_id)
                 finished.append(item)
                 continue
-            strategy, runtime = found
-            if existing is not None or self._engine.verdict(item.event, strategy, runtime):
+            strategy, runtime = item.found
+            if item.existing is not None or self._engine.verdict(item.event, strategy, runtime):
                 left.append(item)
                 continue
             item.strategy = strategy
@@ -149,7 +168,7 @@ class BatchLane:
     async def _save_intents(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
         """Commits every intent (with its first attempt); (saved, version check lost)."""
         changes = [(item.runtime, [_with_run(item)]) for item in items]
-        saved = await self._db.save_many(changes)
+        saved = await self._db.save_many(changes, fresh=True)
         return _split(items, saved)
 
     async def _place_all(
@@ -232,7 +251,9 @@ class BatchLane:
         event_ids = {item.event.order_id: item.delivery.entry_id for item in saved}
         self._engine.committed([item.order for item in saved if item.order], event_ids)
         await self._publish.changes([(item.runtime, [item.order]) for item in saved if item.order])
-        await self._engine.follow_up_all([(item.strategy, item.follow_up) for item in saved])
+        await self._engine.follow_up_all(
+            [(item.strategy, item.event.run, item.follow_up) for item in saved]
+        )
         return saved, lost
 
     async def _unplaced(self, item: _Item, reply: object | None, error: str) -> None:

@@ -16,7 +16,7 @@ from server.domain import Intent, Position, Strategy, StrategyStatus, client_ord
 from server.store.codec import to_micros
 from server.store.queue import OrderEvent, OrderQueue
 from server.store.state import RedisState
-from server.store.stoploss import StopLossIndex
+from server.store.stoploss import Armed, Fired, StopLossIndex
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,16 @@ class StopLossGuard:
         self._state = state
         self._clock = clock
 
-    async def arm(self, strategy: Strategy) -> None:
-        await self.arm_all([strategy])
+    async def arm(self, strategy: Strategy, run: int) -> None:
+        await self.arm_all([(strategy, run)])
 
-    async def arm_all(self, strategies: list[Strategy]) -> None:
-        """Arms fresh positions, then checks the last price: a tick that breached a
-        stop-loss while its BUY was in flight exits it at once. One round trip for all."""
-        armed = [(s.spec.symbol, s.id, s.spec.stop_loss) for s in strategies]
+    async def arm_all(self, positions: list[tuple[Strategy, int]]) -> None:
+        """Arms fresh positions (each strategy with the run that bought it), then checks the
+        last price: a tick that breached a stop-loss while its BUY was in flight exits it at
+        once. One round trip for all."""
+        armed = [
+            Armed(s.spec.symbol, s.id, s.spec.stop_loss, run, s.tenant) for s, run in positions
+        ]
         for symbol, fired in await self._index.arm_and_recheck_all(armed):
             await self.hand_over(symbol, fired)
 
@@ -64,24 +67,39 @@ class StopLossGuard:
                 log.warning("re-enqueueing %d stop-loss triggers on %s", len(pending), symbol)
                 await self.hand_over(symbol, pending)
 
-    async def hand_over(self, symbol: str, strategy_ids: list[str], tick_at_us: int = 0) -> None:
-        for strategy_id in strategy_ids:
-            runtime = await self._state.get_runtime(strategy_id)
-            holding = runtime is not None and runtime.position is Position.BOUGHT
-            if runtime is not None and holding and runtime.status is StrategyStatus.RUNNING:
-                now = to_micros(self._clock.now())
-                event = OrderEvent(
-                    strategy_id=strategy_id,
-                    tenant=runtime.tenant,
-                    run=runtime.run,
-                    intent=Intent.STOPLOSS,
-                    order_id=client_order_id(strategy_id, runtime.run, Intent.STOPLOSS),
-                    due_at_us=now,
-                    fired_at_us=now,
-                    tick_at_us=tick_at_us,
-                )
-                ids = {"tenant": runtime.tenant, "strategy_id": strategy_id}
-                log.info("stop-loss of %s breached on %s", strategy_id, symbol, extra=ids)
+    async def hand_over(self, symbol: str, fired: list[Fired], tick_at_us: int = 0) -> None:
+        for trigger in fired:
+            event = await self._event(trigger, tick_at_us)
+            if event is not None:
+                ids = {"tenant": event.tenant, "strategy_id": event.strategy_id}
+                log.info("stop-loss of %s breached on %s", event.strategy_id, symbol, extra=ids)
                 if not await self._queue.enqueue_retrying(event):
                     continue  # stays in the fired hash; the next sweep tries again
-            await self._index.handed_over(symbol, strategy_id)
+            await self._index.handed_over(symbol, trigger.strategy_id)
+
+    async def _event(self, trigger: Fired, tick_at_us: int) -> OrderEvent | None:
+        """The STOPLOSS event of a trigger; None when there is no position to exit.
+
+        A trigger that knows the run it was armed for is queued at once: reading the runtime
+        first would put a round trip between the tick and the exit, and the engine checks
+        the state under the strategy's lock anyway (an exit that lost a race with a SELL or
+        a Stop is recorded as SKIPPED there, with the reason). Only a trigger armed without
+        its run (before the index kept it) or re-found after a crash reads the runtime."""
+        run, tenant = trigger.run, trigger.tenant
+        if run is None:
+            runtime = await self._state.get_runtime(trigger.strategy_id)
+            holding = runtime is not None and runtime.position is Position.BOUGHT
+            if runtime is None or not holding or runtime.status is not StrategyStatus.RUNNING:
+                return None
+            run, tenant = runtime.run, runtime.tenant
+        now = to_micros(self._clock.now())
+        return OrderEvent(
+            strategy_id=trigger.strategy_id,
+            tenant=tenant,
+            run=run,
+            intent=Intent.STOPLOSS,
+            order_id=client_order_id(trigger.strategy_id, run, Intent.STOPLOSS),
+            due_at_us=now,
+            fired_at_us=now,
+            tick_at_us=tick_at_us,
+        )

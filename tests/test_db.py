@@ -395,6 +395,27 @@ async def test_save_upserts_orders_and_lists_them(db: Database) -> None:
     assert await db.list_orders(OTHER, strategy.id) == []
 
 
+async def test_fresh_intent_is_refused_where_its_order_is_stored(db: Database) -> None:
+    """save(fresh=True) commits an intent only if its order is not stored yet: nothing is
+    written (not the runtime either) when it is, as when another holder got there first."""
+    strategy, runtime = make_strategy(status=StrategyStatus.SCHEDULED)
+    await insert(db, strategy, runtime)
+    skipped = make_order(strategy, OrderKind.BUY, status=OrderStatus.SKIPPED, error="late")
+    assert await db.save(None, [(skipped, 1)])
+
+    intent = replace(skipped, status=OrderStatus.SUBMITTED, attempts=1, error="")
+    later = replace(runtime, version=runtime.version + 1, last_buy_order_id=intent.id)
+    assert not await db.save(later, [(intent, 1)], fresh=True)
+    assert await db.save_many([(later, [(intent, 1)])], fresh=True) == [False]
+    assert await db.list_orders(TENANT, strategy.id) == [skipped]
+    assert (await db.get_strategy(TENANT, strategy.id))[1] == runtime
+
+    sell = make_order(strategy, OrderKind.SELL, status=OrderStatus.SUBMITTED, attempts=1)
+    assert await db.save(later, [(sell, 1)], fresh=True)
+    assert await db.list_orders(TENANT, strategy.id) == [skipped, sell]
+    assert (await db.get_strategy(TENANT, strategy.id))[1] == later
+
+
 @pytest.mark.postgres
 async def test_server_on_postgresql_survives_a_restart(
     redis_proc: RedisProcess, tmp_path: Path

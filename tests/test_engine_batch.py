@@ -14,7 +14,15 @@ import pytest
 from protos.algoplane.v1 import strategy_pb2 as pb
 from server.brokers.base import BrokerOrder, BrokerOrderStatus, Side
 from server.brokers.paper import PaperBroker
-from server.domain import Intent, client_order_id
+from server.domain import (
+    Intent,
+    Order,
+    OrderKind,
+    OrderStatus,
+    Runtime,
+    Strategy,
+    client_order_id,
+)
 from server.store import keys
 from server.store.codec import to_micros
 from server.store.queue import OrderEvent
@@ -383,3 +391,68 @@ async def test_paper_caller_that_gives_up_does_not_break_the_others(state: Redis
     # The broker still works for the next turn's callers.
     again = await broker.place_order("after", "PRC", Side.BUY, 1)
     assert again.status is BrokerOrderStatus.FILLED
+
+
+# --- a read that went stale before the lock was taken -----------------------------------------
+
+
+async def test_a_commit_between_the_lanes_read_and_its_lock_is_not_overwritten(
+    redis_proc: RedisProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane reads the DB beside taking the locks. A holder that released the lock just
+    before the lane took it may have committed after the read: here it recorded the BUY as
+    skipped (an order row, the runtime unchanged). The lane's intent must not replace that
+    row and place the order; the event goes to the per-event path, which reads again."""
+    symbol = "STALE"
+    async with pipeline(redis_proc, tmp_path) as h:
+        await h.redis.set(keys.price(symbol), "120")
+        sid = await start_precise(h, buy_in=60, hold=60, symbol=symbol)
+        now = to_micros(datetime.now(UTC))
+        buy = OrderEvent(
+            sid, "tenant-a", 1, Intent.BUY, client_order_id(sid, 1, Intent.BUY), now, now
+        )
+        db = h.app._db
+        assert db is not None
+        read = db.find_many
+        slipped_in: list[str] = []
+
+        async def read_then_another_holder_commits(
+            pairs: list[tuple[str, str]],
+        ) -> list[tuple[tuple[Strategy, Runtime] | None, Order | None]]:
+            found = await read(pairs)
+            if not slipped_in:
+                row, _ = found[0]
+                assert row is not None
+                strategy = row[0]
+                skipped = Order(
+                    id=buy.order_id,
+                    tenant=strategy.tenant,
+                    strategy_id=sid,
+                    symbol=symbol,
+                    kind=OrderKind.BUY,
+                    status=OrderStatus.SKIPPED,
+                    quantity=strategy.spec.quantity,
+                    attempts=0,
+                    created_at=datetime.now(UTC),
+                    updated_at=datetime.now(UTC),
+                    error="skipped by another holder",
+                )
+                assert await db.save(None, [(skipped, 1)])
+                slipped_in.append(buy.order_id)
+            return found
+
+        monkeypatch.setattr(db, "find_many", read_then_another_holder_commits)
+        await h.redis.xadd(keys.ORDER_QUEUE, dict(buy.fields().items()))
+        await eventually(lambda: queues_drained(h), timeout_s=5)
+        assert slipped_in == [buy.order_id]
+
+        await asyncio.sleep(0.3)
+        assert await h.redis.llen(PAPER_LOG) == 0  # nothing reached the broker
+        assert [(o.id, o.status, o.error) for o in await orders_of(h, sid)] == [
+            (buy.order_id, pb.ORDER_STATUS_SKIPPED, "skipped by another holder")
+        ]
+        runtime = await runtime_of(h, sid)
+        assert (runtime.status, runtime.position) == (
+            pb.STRATEGY_STATUS_SCHEDULED,
+            pb.POSITION_NONE,
+        )

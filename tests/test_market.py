@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.algoplane.v1 import strategy_pb2 as pb
 from scripts.feedsim import FeedSimulator
 from server.domain import Intent, client_order_id
+from server.store.stoploss import Armed, StopLossIndex
 from tests.conftest import Harness
 from tests.support import RedisProcess
 from tests.test_engine import (
@@ -312,3 +314,42 @@ async def _eq(value: Any, expected: Any) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_breach_racing_a_stop_that_keeps_the_position_is_recorded_not_placed(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """A trigger queues its exit with the run it was armed for, without reading the runtime
+    first; the engine checks the state under the lock. Here the trigger comes after a Stop
+    that kept the position (as if it fired between the Stop's commit and its disarm)."""
+    async with market(redis_proc, tmp_path) as (h, feed):
+        sid = await open_position(h, feed)
+        await h.stub.StopStrategy(
+            pb.StopStrategyRequest(strategy_id=sid, keep_position=True), metadata=h.md()
+        )
+        assert await h.redis.zcard("symbol:{SBIN}:stoploss") == 0  # the Stop disarmed it
+        assert await h.redis.exists("symbol:{SBIN}:stoploss:runs") == 0
+        armed = Armed("SBIN", sid, Decimal("95.5"), 1, "tenant-a")
+        await StopLossIndex(redis=h.redis).arm_and_recheck_all([armed])
+        await feed.push("SBIN", "95")
+
+        async def recorded() -> bool:
+            return len(await orders_of(h, sid)) == 2
+
+        await eventually(recorded, timeout_s=5)
+        buy, stoploss = await orders_of(h, sid)
+        assert (buy.kind, buy.status) == (pb.ORDER_KIND_BUY, pb.ORDER_STATUS_FILLED)
+        assert (stoploss.id, stoploss.kind, stoploss.status) == (
+            client_order_id(sid, 1, Intent.STOPLOSS),
+            pb.ORDER_KIND_STOPLOSS,
+            pb.ORDER_STATUS_SKIPPED,
+        )
+        assert stoploss.error == "STOPLOSS needs a RUNNING strategy, found STOPPED/BOUGHT"
+        await asyncio.sleep(0.3)
+        assert await h.redis.lrange(PAPER_LOG, 0, -1) == [client_order_id(sid, 1, Intent.BUY)]
+        runtime = await runtime_of(h, sid)
+        assert (runtime.status, runtime.position) == (
+            pb.STRATEGY_STATUS_STOPPED,
+            pb.POSITION_BOUGHT,
+        )
+        assert await h.redis.hlen("symbol:{SBIN}:stoploss:fired") == 0

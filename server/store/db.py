@@ -432,13 +432,21 @@ class Database:
             rows = (await session.exec(query)).all()
         return [(_order(row), row.run) for row in rows]
 
-    async def save(self, runtime: Runtime | None, orders: list[tuple[Order, int]]) -> bool:
+    async def save(
+        self, runtime: Runtime | None, orders: list[tuple[Order, int]], *, fresh: bool = False
+    ) -> bool:
         """Commits orders (upserted by client order id) and the runtime together. The runtime
-        is written only over the version just before it; False (nothing written) otherwise."""
+        is written only over the version just before it; False (nothing written) otherwise.
+        `fresh`: the orders are new intents; False (nothing written) if one is stored."""
         if self._hot_writer is not None:
-            return (await self.save_many([(runtime, orders)]))[0]
+            return (await self.save_many([(runtime, orders)], fresh=fresh))[0]
         # A plain connection: no ORM unit of work to flush; leaving without commit rolls back.
         async with self._engine.connect() as conn:
+            if fresh and orders:
+                ids = [order.id for order, _ in orders]
+                stored = await conn.execute(select(OrderRow.id).where(col(OrderRow.id).in_(ids)))
+                if stored.first() is not None:
+                    return False
             if runtime is not None:
                 result = await conn.execute(
                     update(StrategyRow)
@@ -454,12 +462,15 @@ class Database:
             return True
 
     async def save_many(
-        self, changes: list[tuple[Runtime | None, list[tuple[Order, int]]]]
+        self,
+        changes: list[tuple[Runtime | None, list[tuple[Order, int]]]],
+        *,
+        fresh: bool = False,
     ) -> list[bool]:
         """save() for many strategies: on SQLite one transaction, in which each change is
-        written only if its own version check holds (False for one that did not)."""
+        written only if its own checks hold (False for one that did not)."""
         if self._hot_writer is None:
-            return [await self.save(runtime, orders) for runtime, orders in changes]
+            return [await self.save(runtime, orders, fresh=fresh) for runtime, orders in changes]
         return await self._hot_writer.save_many(
             [
                 (
@@ -469,7 +480,8 @@ class Database:
                     [_order_values(order, run) for order, run in orders],
                 )
                 for runtime, orders in changes
-            ]
+            ],
+            fresh=fresh,
         )
 
     def _upsert_order(self, values: dict[str, Any]) -> Any:

@@ -61,6 +61,12 @@ def stoploss_armed(symbol: str) -> str:
     return f"symbol:{{{symbol}}}:stoploss"
 
 
+def stoploss_runs(symbol: str) -> str:
+    """Hash: strategy id -> `<run> <tenant>` of each armed position, so a trigger can queue
+    its STOPLOSS event without first reading the strategy's runtime (another slot)."""
+    return f"symbol:{{{symbol}}}:stoploss:runs"
+
+
 def stoploss_fired(symbol: str) -> str:
     """Hash: strategy id -> the price that breached its stop-loss, kept until the STOPLOSS
     event is enqueued, so a trigger survives a crash between the two."""

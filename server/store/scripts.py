@@ -90,12 +90,17 @@ return redis.call('HGET', KEYS[1], ARGV[1])
 # once. With an empty ARGV[1] it re-checks the stored price (used right after arming, so a
 # tick that came while the BUY was in flight is not lost).
 # KEYS[1] price:{SYMBOL}   KEYS[2] symbol:{SYMBOL}:stoploss   KEYS[3] symbol:{SYMBOL}:stoploss:fired
+# KEYS[4] symbol:{SYMBOL}:stoploss:runs
 # ARGV[1] the new price as a plain decimal string ('' = use the stored one)
-# Returns the ids of the strategies that fired.
+# ARGV[2] the lowest price of the batch ending at ARGV[1] ('' or absent: ARGV[1] alone)
+# ARGV[3..6], when given: a position to arm first (arm and recheck in one step): the member,
+#         its score, the strategy id and its '<run> <tenant>'
+# Returns, flat, each fired strategy's id and its '<run> <tenant>' ('' when its position was
+# armed without one: the caller reads the runtime instead).
 STOPLOSS_TRIGGER = """
--- ARGV[3], ARGV[4], when given: a member and score to arm first (arm and recheck in one step).
 if ARGV[3] and ARGV[3] ~= '' then
   redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+  redis.call('HSET', KEYS[4], ARGV[5], ARGV[6])
 end
 local price = ARGV[1]
 if price == '' then
@@ -125,6 +130,8 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], low, '+inf')) do
     redis.call('ZREM', KEYS[2], member)
     redis.call('HSET', KEYS[3], id, price)
     fired[#fired + 1] = id
+    fired[#fired + 1] = redis.call('HGET', KEYS[4], id) or ''
+    redis.call('HDEL', KEYS[4], id)
   end
 end
 return fired

@@ -62,10 +62,11 @@ class SqliteWriter:
         job = partial(self._save, strategy_id, previous, runtime, orders, inserts or [])
         return await self._call(job)
 
-    async def save_many(self, items: list[_SaveItem]) -> list[bool]:
+    async def save_many(self, items: list[_SaveItem], *, fresh: bool = False) -> list[bool]:
         """save() for many strategies in one transaction, each with its own version check:
-        an item whose stored version is not its `previous` writes nothing and gets False."""
-        return await self._call(partial(self._save_many, items))
+        an item whose stored version is not its `previous` writes nothing and gets False.
+        `fresh`: the orders must not exist yet; an item with one that does gets False too."""
+        return await self._call(partial(self._save_many, items, fresh))
 
     async def find_many(self, pairs: list[tuple[str, str]]) -> list[_Found]:
         """find() for many (strategy id, order id) pairs in one hop."""
@@ -172,9 +173,17 @@ class SqliteWriter:
         runtime: dict[str, Any] | None,
         orders: list[dict[str, Any]],
         inserts: list[tuple[str, dict[str, Any]]],
+        fresh: bool = False,
     ) -> bool:
         """Inside a transaction: False, with nothing written, when the version check fails
-        (the runtime's UPDATE is the first write, and it matched no row)."""
+        (the runtime's UPDATE is the first write, and it matched no row) or, with `fresh`,
+        when one of the orders is already stored."""
+        if fresh and orders:
+            ids = [values["id"] for values in orders]
+            marks = ", ".join("?" * len(ids))
+            taken = f'SELECT 1 FROM "{self._orders}" WHERE id IN ({marks}) LIMIT 1'
+            if conn.execute(taken, ids).fetchone() is not None:
+                return False
         if runtime is not None and previous is not None:
             params = {**runtime, "_id": strategy_id, "_previous": previous}
             cursor = conn.execute(_update_sql(self._strategies, tuple(runtime)), params)
@@ -186,11 +195,11 @@ class SqliteWriter:
             conn.execute(_insert_sql(table, tuple(values)), values)
         return True
 
-    def _save_many(self, items: list[_SaveItem]) -> list[bool]:
+    def _save_many(self, items: list[_SaveItem], fresh: bool) -> list[bool]:
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            saved = [self._write(conn, *item, []) for item in items]
+            saved = [self._write(conn, *item, [], fresh) for item in items]
             conn.execute("COMMIT")
             return saved
         except BaseException:

@@ -2,10 +2,13 @@
 
 A tick costs one script call, O(log n + triggered), instead of the seed's read of every
 strategy's stop-loss. Arming happens when a BUY fills, disarming on any exit, stop or failure.
+Each armed position also keeps the run and tenant its exit will carry (`stoploss:runs`), handed
+back with its trigger, so the exit is queued without a read of the runtime in between.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 
 from redis.asyncio import Redis
@@ -24,56 +27,73 @@ def member(strategy_id: str, stop_loss: Decimal) -> str:
     return f"{padded(stop_loss)}:{strategy_id}"
 
 
+@dataclass(frozen=True, slots=True)
+class Armed:
+    """A position to arm: its symbol, strategy, stop-loss, and the run and tenant its
+    STOPLOSS event will carry."""
+
+    symbol: str
+    strategy_id: str
+    stop_loss: Decimal
+    run: int
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """A stop-loss that fired, with the run and tenant it was armed for; `run` is None when
+    they are not known (armed before the index kept them, or re-found after a crash): the
+    caller reads the strategy's runtime instead."""
+
+    strategy_id: str
+    run: int | None = None
+    tenant: str = ""
+
+
 class StopLossIndex:
     def __init__(self, *, redis: Redis) -> None:
         self._redis = redis
         self._trigger = redis.register_script(scripts.STOPLOSS_TRIGGER)
 
-    async def tick(self, symbol: str, price: Decimal, low: Decimal | None = None) -> list[str]:
-        """Stores the price; returns the strategies whose stop-loss it breached (now fired).
-        `low`, for a batch of ticks ending at `price`, is the batch's lowest price: it is the
-        one checked, in the same atomic step that stores `price`."""
+    async def tick(self, symbol: str, price: Decimal, low: Decimal | None = None) -> list[Fired]:
+        """Stores the price; returns the stop-losses it breached (now fired). `low`, for a
+        batch of ticks ending at `price`, is the batch's lowest price: it is the one checked,
+        in the same atomic step that stores `price`."""
         args = [format_decimal(price)]
         if low is not None and low < price:
             args.append(format_decimal(low))
-        return await self._run(symbol, *args)
+        return _fired(await self._trigger(keys=_keys(symbol), args=args))
 
-    async def arm_and_recheck_all(
-        self, armed: list[tuple[str, str, Decimal]]
-    ) -> list[tuple[str, list[str]]]:
-        """Arms each (symbol, strategy id, stop-loss), then fires what its symbol's stored
-        price already breaches, one script call each, one round trip for all; returns
-        (symbol, the strategies that fired on it) where any did."""
+    async def arm_and_recheck_all(self, armed: list[Armed]) -> list[tuple[str, list[Fired]]]:
+        """Arms each position, then fires what its symbol's stored price already breaches,
+        one script call each, one round trip for all; returns (symbol, what fired on it)
+        where anything did."""
         if not armed:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
-            for symbol, strategy_id, stop_loss in armed:
-                entry = member(strategy_id, stop_loss)
-                args = ["", "", entry, repr(float(stop_loss))]
-                await self._trigger(keys=_keys(symbol), args=args, client=pipe)
+            for a in armed:
+                entry = member(a.strategy_id, a.stop_loss)
+                owner = f"{a.run} {a.tenant}"
+                args = ["", "", entry, repr(float(a.stop_loss)), a.strategy_id, owner]
+                await self._trigger(keys=_keys(a.symbol), args=args, client=pipe)
             replies = await execute(pipe)
-        return [
-            (symbol, [str(strategy_id) for strategy_id in fired])
-            for (symbol, _, _), fired in zip(armed, replies, strict=True)
-            if fired
-        ]
+        return [(a.symbol, _fired(reply)) for a, reply in zip(armed, replies, strict=True) if reply]
 
     async def disarm_all(self, armed: list[tuple[str, str, Decimal]]) -> None:
         """Takes each (symbol, strategy id, stop-loss) out of the index, one round trip."""
         if not armed:
             return
+        # An owner left behind without its member (Redis died between the two) is inert:
+        # only a member fires, and the next arming overwrites it.
         async with self._redis.pipeline(transaction=False) as pipe:
             for symbol, strategy_id, stop_loss in armed:
                 pipe.zrem(keys.stoploss_armed(symbol), member(strategy_id, stop_loss))
+                pipe.hdel(keys.stoploss_runs(symbol), strategy_id)
             await execute(pipe)
 
-    async def _run(self, symbol: str, *args: str) -> list[str]:
-        fired = await self._trigger(keys=_keys(symbol), args=list(args))
-        return [str(strategy_id) for strategy_id in fired]
-
-    async def fired(self, symbol: str) -> list[str]:
+    async def fired(self, symbol: str) -> list[Fired]:
         """Triggers not yet handed to the queue (a crash came between)."""
-        return [str(k) for k in await self._redis.hkeys(keys.stoploss_fired(symbol))]
+        return [Fired(str(k)) for k in await self._redis.hkeys(keys.stoploss_fired(symbol))]
 
     async def handed_over(self, symbol: str, strategy_id: str) -> None:
         await self._redis.hdel(keys.stoploss_fired(symbol), strategy_id)
@@ -98,4 +118,21 @@ class StopLossIndex:
 
 def _keys(symbol: str) -> list[str]:
     """The trigger script's keys for a symbol."""
-    return [keys.price(symbol), keys.stoploss_armed(symbol), keys.stoploss_fired(symbol)]
+    return [
+        keys.price(symbol),
+        keys.stoploss_armed(symbol),
+        keys.stoploss_fired(symbol),
+        keys.stoploss_runs(symbol),
+    ]
+
+
+def _fired(reply: list[str]) -> list[Fired]:
+    """The trigger script's flat (id, '<run> <tenant>') reply."""
+    fired: list[Fired] = []
+    for n in range(0, len(reply), 2):
+        strategy_id, owner = str(reply[n]), str(reply[n + 1])
+        run, _, tenant = owner.partition(" ")
+        fired.append(
+            Fired(strategy_id, int(run), tenant) if run.isdigit() and tenant else Fired(strategy_id)
+        )
+    return fired
