@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from server.brokers.base import BrokerOrder, Side
 from server.cancellation import cancel_requested
@@ -94,10 +94,10 @@ class BatchLane:
                     mine = [i for i in items if i.event.strategy_id in tokens]
                     finished, left = await self._run_locked(mine)
             finally:
-                if not reading.done():
-                    reading.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reading  # its error, if any, went to the caller already
+                # Not awaited here: a cancel of this task must not be swallowed. Its error,
+                # if any, reached the caller through `await reading` already.
+                reading.cancel()
+                reading.add_done_callback(_seen)
             careful += [item.delivery for item in left]
             done += [item.delivery for item in finished]
         try:
@@ -283,6 +283,12 @@ def _sort(deliveries: list[Delivery]) -> tuple[list[_Item], list[Delivery], list
         seen.add(event.strategy_id)
         items.append(_Item(delivery, event))
     return items, careful, malformed
+
+
+def _seen(done: asyncio.Future[Any]) -> None:
+    """Marks a finished future's outcome as retrieved (asyncio logs unretrieved errors)."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _pass_on(done: asyncio.Future[None], to: asyncio.Future[None]) -> None:

@@ -178,12 +178,8 @@ class SqliteWriter:
         """Inside a transaction: False, with nothing written, when the version check fails
         (the runtime's UPDATE is the first write, and it matched no row) or, with `fresh`,
         when one of the orders is already stored."""
-        if fresh and orders:
-            ids = [values["id"] for values in orders]
-            marks = ", ".join("?" * len(ids))
-            taken = f'SELECT 1 FROM "{self._orders}" WHERE id IN ({marks}) LIMIT 1'
-            if conn.execute(taken, ids).fetchone() is not None:
-                return False
+        if fresh and self._rows_by_id(conn, self._orders, [values["id"] for values in orders]):
+            return False
         if runtime is not None and previous is not None:
             params = {**runtime, "_id": strategy_id, "_previous": previous}
             cursor = conn.execute(_update_sql(self._strategies, tuple(runtime)), params)
