@@ -254,6 +254,7 @@ class App:
             cancel_timers=self._scheduler.cancel,
             metrics=self._metrics,
         )
+        guard.submit_with(self._engine.submit_exit)
         self._recovery = Recovery(
             db=db,
             redis=state.client,

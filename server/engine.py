@@ -22,6 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
+from typing import Any
+
+from redis.asyncio.client import Pipeline
 
 from server.brokers.base import (
     AmbiguousBrokerError,
@@ -59,6 +62,10 @@ from server.store.locks import StrategyLocks
 from server.store.queue import QUEUE_NAMES, Delivery, OrderEvent, OrderQueue
 
 log = logging.getLogger(__name__)
+
+# Exits run at once by the process that queued them, at most this many at a time; beyond
+# that the exits worker takes them, in batches.
+_EXITS_RUN_HERE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +128,8 @@ class ExecutionEngine:
         self._idle: set[asyncio.Task[None]] = set()
         self._busy = asyncio.Semaphore(config.concurrency)
         self._beside_tasks: set[asyncio.Task[None]] = set()
+        # Exits run at once by the process that queued them (submit_exit).
+        self._exits_here: set[asyncio.Task[None]] = set()
         self._lane = BatchLane(
             engine=self,
             queue=queue,
@@ -152,7 +161,8 @@ class ExecutionEngine:
             return
         for task in [*self._idle, self._tasks[-1]]:  # idle workers and the reaper
             task.cancel()
-        _, running = await asyncio.wait([*self._tasks, *self._beside_tasks], timeout=grace_s)
+        busy = [*self._tasks, *self._beside_tasks, *self._exits_here]
+        _, running = await asyncio.wait(busy, timeout=grace_s)
         for task in running:
             task.cancel()
         for task in running:
@@ -194,6 +204,65 @@ class ExecutionEngine:
         task = asyncio.create_task(self._handle_and_release(delivery))
         self._beside_tasks.add(task)
         task.add_done_callback(self._beside_tasks.discard)
+
+    async def submit_exit(self, event: OrderEvent) -> bool:
+        """Queues an exit and, while few run here already, runs it here at once: the queue
+        entry is taken for this process in the same round trip that adds it and takes the
+        strategy's lock, and the DB read goes out beside it, so a stop-loss reaches the
+        broker without waiting for a worker to wake up, then lock, then read. The entry is
+        pending in the consumer group like any a worker took (reclaimed if we die). Returns
+        True once the event is in the queue, as enqueue_retrying does."""
+        if self._closing.is_set() or len(self._exits_here) >= _EXITS_RUN_HERE:
+            # A storm of triggers goes to the exits worker, which takes them in batches.
+            return await self._queue.enqueue_retrying(event)
+        sid = event.strategy_id
+        reading: asyncio.Future[Any] | None = asyncio.ensure_future(
+            self._db.find_many([(sid, event.order_id)])
+        )
+        token = ""
+
+        def lock(pipe: Pipeline) -> None:
+            nonlocal token
+            token = self._locks.request(pipe, sid)
+
+        try:
+            taken, (locked,) = await self._queue.enqueue_and_take(event, alongside=lock)
+        except Exception as exc:  # noqa: BLE001 - retried plainly: the enqueue is once-only
+            log.warning("enqueue of %s failed (%s); retrying", event.order_id, exc)
+            _drop(reading)
+            with contextlib.suppress(Exception):
+                await self._locks.release_all({sid: token})
+            # Had the first call gone through, its entry waits in our pending list for
+            # the reaper, and the lock expires with its TTL.
+            return await self._queue.enqueue_retrying(event)
+        tokens = {sid: token} if locked else {}
+        if taken is None or taken.fields.get("order_id") != event.order_id:
+            # Queued before (a sweep repeating), or an older exit came first: that one runs
+            # here instead, and this event waits for the exits worker.
+            _drop(reading)
+            reading = None
+            if tokens:
+                await self._locks.release_all(tokens)
+                tokens = {}
+        if taken is not None:
+            task = asyncio.create_task(self._run_taken(taken, tokens, reading))
+            self._exits_here.add(task)
+            task.add_done_callback(self._exits_here.discard)
+        return True
+
+    async def _run_taken(
+        self,
+        delivery: Delivery,
+        tokens: dict[str, str],
+        reading: asyncio.Future[list[tuple[tuple[Strategy, Runtime] | None, Order | None]]] | None,
+    ) -> None:
+        try:
+            careful = await self._lane.run([delivery], taken=tokens, read_ahead=reading)
+        except Exception as exc:  # noqa: BLE001 - Redis away before it began: the slow path
+            log.warning("exit %s failed (%s); running it alone", delivery.entry_id, exc)
+            careful = [delivery]
+        for left in careful:
+            await self._beside(left)
 
     async def _handle_and_release(self, delivery: Delivery) -> None:
         try:
@@ -651,6 +720,14 @@ def _settled(order: Order, reply: BrokerOrder, now: datetime) -> Order:
         error=reply.reason,
         updated_at=now,
     )
+
+
+def _drop(future: asyncio.Future[Any] | None) -> None:
+    """Cancels a read no longer wanted; its outcome is marked retrieved."""
+    if future is None:
+        return
+    future.cancel()
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _waits_for_buy(intent: Intent, runtime: Runtime) -> bool:

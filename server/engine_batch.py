@@ -74,19 +74,34 @@ class BatchLane:
         self._publish = publisher
         self._touch_interval_s = touch_interval_s
 
-    async def run(self, deliveries: list[Delivery]) -> list[Delivery]:
+    async def run(
+        self,
+        deliveries: list[Delivery],
+        *,
+        taken: dict[str, str] | None = None,
+        read_ahead: asyncio.Future[list[tuple[tuple[Strategy, Runtime] | None, Order | None]]]
+        | None = None,
+    ) -> list[Delivery]:
         """Runs the plain events to their end and acknowledges them (and malformed entries);
-        returns the rest, not acknowledged, for the per-event path."""
+        returns the rest, not acknowledged, for the per-event path. `taken`: locks of these
+        events the caller holds already (released here); `read_ahead`: the DB read of
+        exactly these events (find_many), started by the caller."""
         items, careful, done = _sort(deliveries)
+        if not items and read_ahead is not None:
+            read_ahead.cancel()
+            read_ahead.add_done_callback(_seen)
+        if not items and taken:
+            await self._locks.release_all(taken)
         if items:
             # The read goes out beside the locks' round trip instead of after it: a commit
             # that slipped in between (its holder released the lock just before we took it)
             # fails the intent's checks (runtime version, order not yet stored), and that
             # event then goes to the per-event path, which reads again under the lock.
             pairs = [(item.event.strategy_id, item.event.order_id) for item in items]
-            reading = asyncio.ensure_future(self._db.find_many(pairs))
+            reading = read_ahead or asyncio.ensure_future(self._db.find_many(pairs))
+            ids = [p[0] for p in pairs]
             try:
-                async with self._locks.held_where_free([p[0] for p in pairs]) as tokens:
+                async with self._locks.held_where_free(ids, taken) as tokens:
                     found = await reading
                     for item, (row, existing) in zip(items, found, strict=True):
                         item.found, item.existing = row, existing

@@ -9,6 +9,7 @@ enqueue-once makes that safe. So a trigger is never lost and never fires twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 from server.clock import Clock
@@ -29,6 +30,12 @@ class StopLossGuard:
         self._queue = queue
         self._state = state
         self._clock = clock
+        self._submit: Callable[[OrderEvent], Awaitable[bool]] = queue.enqueue_retrying
+
+    def submit_with(self, submit: Callable[[OrderEvent], Awaitable[bool]]) -> None:
+        """Where STOPLOSS events go (the engine's submit_exit, which also runs them at
+        once); by default the queue, for the exits worker."""
+        self._submit = submit
 
     async def arm(self, strategy: Strategy, run: int) -> None:
         await self.arm_all([(strategy, run)])
@@ -73,7 +80,7 @@ class StopLossGuard:
             if event is not None:
                 ids = {"tenant": event.tenant, "strategy_id": event.strategy_id}
                 log.info("stop-loss of %s breached on %s", event.strategy_id, symbol, extra=ids)
-                if not await self._queue.enqueue_retrying(event):
+                if not await self._submit(event):
                     continue  # stays in the fired hash; the next sweep tries again
             await self._index.handed_over(symbol, trigger.strategy_id)
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
 from server.cancellation import cancel_requested
@@ -37,6 +38,14 @@ class StrategyLocks:
         token = secrets.token_hex(16)
         taken = await self._redis.set(keys.lock_state(strategy_id), token, nx=True, px=self._ttl_ms)
         return token if taken else None
+
+    def request(self, pipe: Pipeline, strategy_id: str) -> str:
+        """try_acquire() as a command added to the caller's pipeline, so a lock goes out in
+        a round trip the caller makes anyway; returns the token, and the command's reply
+        says whether the lock was taken."""
+        token = secrets.token_hex(16)
+        pipe.set(keys.lock_state(strategy_id), token, nx=True, px=self._ttl_ms)
+        return token
 
     async def acquire(self, strategy_id: str, timeout_s: float | None = None) -> str:
         """Waits until the lock is ours; Unavailable after timeout_s (None: no limit)."""
@@ -91,10 +100,21 @@ class StrategyLocks:
             return list(await execute(pipe))
 
     @contextlib.asynccontextmanager
-    async def held_where_free(self, strategy_ids: list[str]) -> AsyncIterator[dict[str, str]]:
+    async def held_where_free(
+        self, strategy_ids: list[str], taken: dict[str, str] | None = None
+    ) -> AsyncIterator[dict[str, str]]:
         """Takes, without waiting, every lock that is free; holds them for the block as
-        held() does; yields the tokens of the locks taken."""
-        tokens = await self.try_acquire_all(strategy_ids)
+        held() does; yields the tokens of the locks taken. `taken`: locks the caller took
+        already (see request()), held and released here with the others."""
+        tokens = dict(taken or {})
+        rest = [sid for sid in strategy_ids if sid not in tokens]
+        try:
+            if rest:
+                tokens |= await self.try_acquire_all(rest)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.release_all(tokens)
+            raise
         async with self._holding(tokens):
             yield tokens
 

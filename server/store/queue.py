@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from server.domain import Intent
@@ -102,6 +104,21 @@ class OrderQueue:
         """Adds the event unless its intent was enqueued before; returns the entry id."""
         entry = await self._enqueue(*_script_args(event))
         return str(entry) if entry else None
+
+    async def enqueue_and_take(
+        self, event: OrderEvent, alongside: Callable[[Pipeline], None] | None = None
+    ) -> tuple[Delivery | None, list[Any]]:
+        """Enqueues the event once, as enqueue() does, and takes for this consumer the oldest
+        entry of its stream no worker has taken yet: normally this event, unless others
+        wait before it. Returns that delivery (None when this intent was enqueued before,
+        or nothing was taken: the workers then get it) and the replies of the commands
+        `alongside` added to the same round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if alongside is not None:
+                alongside(pipe)
+            await self._enqueue(*_script_args(event, self.consumer), client=pipe)
+            *beside, reply = await execute(pipe)
+        return _taken(reply), beside
 
     async def enqueue_all(self, events: list[OrderEvent], *, attempts: int = 20) -> list[bool]:
         """Many events (a chunk of a burst of timers due at one instant) in one round trip;
@@ -237,11 +254,21 @@ def _by_stream(deliveries: list[Delivery]) -> dict[str, list[Any]]:
     return grouped
 
 
-def _script_args(event: OrderEvent) -> tuple[list[str], list[str | int]]:
+def _script_args(event: OrderEvent, taker: str = "") -> tuple[list[str], list[str | int]]:
     stream = keys.EXIT_QUEUE if event.intent.is_exit else keys.ORDER_QUEUE
     marker = keys.fired(event.strategy_id, event.run, _marker(event))
     fields = [item for pair in event.fields().items() for item in pair]
-    return [stream, marker], [_FIRED_TTL_MS, *fields]
+    return [stream, marker], [_FIRED_TTL_MS, taker, keys.ENGINE_GROUP, *fields]
+
+
+def _taken(reply: Any) -> Delivery | None:
+    """The entry in ENQUEUE_ONCE's XREADGROUP reply, if it took one."""
+    if not isinstance(reply, list) or not reply:
+        return None
+    stream, entries = reply[0]
+    entry_id, flat = entries[0]
+    fields = {str(flat[n]): str(flat[n + 1]) for n in range(0, len(flat), 2)}
+    return Delivery(str(stream), str(entry_id), fields)
 
 
 def _marker(event: OrderEvent) -> str:

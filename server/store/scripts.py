@@ -38,18 +38,35 @@ return 1
 """
 
 # Enqueues an order event once per intent: replicas whose timers all fire add one entry.
+# With a consumer named, it also takes the oldest entry of the stream no consumer has taken
+# yet (normally the one just added) for that consumer, as XREADGROUP would: a stop-loss exit
+# queued by the process that saw the tick runs there at once, without a worker's wake-up
+# round trip, and the entry is pending in the group like any taken entry (reclaimed if the
+# taker dies).
 # KEYS[1] the queue stream (queue:orders or {queue:orders}:exits)   KEYS[2] the fired marker
-# ARGV[1] marker lifetime in ms   ARGV[2..] the event's field/value pairs
-# Returns the new entry id, or false when this intent was enqueued before.
+# ARGV[1] marker lifetime in ms   ARGV[2] the consumer that takes an entry ('' = none)
+# ARGV[3] the consumer group   ARGV[4..] the event's field/value pairs
+# Returns false when this intent was enqueued before. Otherwise, without a consumer, the new
+# entry's id; with one, XREADGROUP's reply (1 when it took nothing or failed: the entry then
+# waits for the workers).
 ENQUEUE_ONCE = """
 if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
   return false
 end
 local fields = {}
-for k = 2, #ARGV do
+for k = 4, #ARGV do
   fields[#fields + 1] = ARGV[k]
 end
-return redis.call('XADD', KEYS[1], '*', unpack(fields))
+local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+if ARGV[2] == '' then
+  return id
+end
+local taken = redis.pcall(
+  'XREADGROUP', 'GROUP', ARGV[3], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+if type(taken) ~= 'table' or taken['err'] then
+  return 1
+end
+return taken
 """
 
 # Releases a lock only if we still hold it (our token), so a slow holder whose lock expired

@@ -7,6 +7,7 @@ book, the DB and Redis.
 3. SIGTERM with open streams and orders in flight: exit 0, streams end UNAVAILABLE, resume
    with no gap and no duplicate; the in-flight order finished or is settled by recovery.
 4. two servers on one Redis and one SQLite file, one killed mid-burst of 500 BUYs.
+5. kill -9 while a stop-loss exit, taken by the process that saw the tick, is at the broker.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from redis.asyncio import Redis
 
 from protos.algoplane.v1 import strategy_pb2 as pb
 from protos.algoplane.v1 import strategy_pb2_grpc
+from scripts.feedsim import FeedSimulator
 from server.domain import Intent, OrderStatus, Position, StrategyStatus, client_order_id
 from server.store import keys
 from server.store.db import Database
@@ -551,6 +553,58 @@ async def test_two_servers_one_killed_mid_burst_of_500_buys(
             await db.close()
         assert await survivor.sigterm() == 0
         await invariants_hold(redis, shared)
+
+
+# --- 5. kill -9 while a stop-loss exit the listener's process took is at the broker ------
+
+
+async def test_kill_9_during_a_stop_loss_taken_at_the_tick_then_another_server_settles_once(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """The process whose listener saw the breach queues the STOPLOSS and takes it for itself
+    in one round trip; killed while its broker call is out, the entry is still pending in
+    the consumer group, and the next server settles the exit once."""
+    feed = FeedSimulator(rate_hz=0, fmt="json")
+    url = await feed.start()
+    data = tmp_path / "data"
+    feed_env = {"ALGOPLANE_FEED_URL": url, "ALGOPLANE_FEED_FORMAT": "json"}
+    env = node_env(redis_proc.url, data, free_port(), **SLOW_BROKER, **feed_env)
+    try:
+        async with cluster(redis_proc) as (redis, nodes):
+            nodes.append(node := await launch(env, tmp_path, "first"))
+            sid = await start_strategy(node, buy_in=1.0, hold=600)
+            buy = client_order_id(sid, 1, Intent.BUY)
+            stoploss = client_order_id(sid, 1, Intent.STOPLOSS)
+
+            async def subscribed() -> bool:
+                return any(subs and "SBIN" in subs for subs in feed.subscriptions)
+
+            async def bought() -> bool:
+                return (await runtime_of(node, sid)).position == pb.POSITION_BOUGHT
+
+            await until("the listener subscribed", subscribed, 5)
+            await feed.push("SBIN", "100")
+            await until("the BUY filled", bought, 8)
+            await feed.push("SBIN", "95")  # below the stop-loss, 95.5
+            await until("the exit is at the broker", lambda: order_submitted(node, stoploss), 6)
+            rows = await redis.xpending_range(keys.EXIT_QUEUE, keys.ENGINE_GROUP, "-", "+", 10)
+            assert [f"-{node.pid}-" in str(row["consumer"]) for row in rows] == [True]
+            await node.kill9()
+            assert await redis.lrange(keys.PAPER_LOG, 0, -1) == [buy]
+
+            other_env = node_env(redis_proc.url, data, free_port(), **SLOW_BROKER, **feed_env)
+            nodes.append(other := await launch(other_env, tmp_path, "second"))
+            await until("the entry was taken over", lambda: queue_drained(redis), 10)
+            assert await redis.lrange(keys.PAPER_LOG, 0, -1) == [buy, stoploss]
+            runtime = await runtime_of(other, sid)
+            assert (runtime.status, runtime.position) == (
+                pb.STRATEGY_STATUS_COMPLETED,
+                pb.POSITION_EXITED_BY_SL,
+            )
+            assert await other.sigterm() == 0
+            await invariants_hold(redis, db_url(data))
+    finally:
+        await feed.stop()
 
 
 # --- found by scenario 4: a lock keeper whose cancel a Redis call swallowed ----------------
