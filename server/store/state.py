@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, cast
@@ -96,13 +97,13 @@ class RedisState:
         runtimes: list[Runtime],
         *,
         events_before: list[tuple[StreamKind, str, Flat]],
-        strategies: list[Strategy] | None = None,
+        strategies: Sequence[Strategy | None] | None = None,
     ) -> list[Flat | None]:
         """Appends `events_before`, then writes each runtime (and its strategy's config, when
         `strategies` gives it) unless Redis already holds that version or a newer one, in
         one round trip; `put_written` then keeps the live sets in step. Returns, for each
         runtime, the fields written (for its event), or None when it was not written."""
-        configs: list[Strategy | None] = [*strategies] if strategies else [None] * len(runtimes)
+        configs = [*strategies] if strategies else [None] * len(runtimes)
         flats = [runtime_to_flat(runtime) for runtime in runtimes]
         async with self._redis.pipeline(transaction=False) as pipe:
             for kind, tenant, fields in events_before:
