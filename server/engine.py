@@ -232,9 +232,19 @@ class ExecutionEngine:
             _drop(reading)
             with contextlib.suppress(Exception):
                 await self._locks.release_all({sid: token})
-            # Had the first call gone through, its entry waits in our pending list for
-            # the reaper, and the lock expires with its TTL.
-            return await self._queue.enqueue_retrying(event)
+            if not await self._queue.enqueue_retrying(event):
+                return False
+            # Had the first call gone through, it took the entry for this process, and no
+            # worker will read it again: it runs here now, not once the reaper finds it idle
+            # (claim_idle_s later).
+            try:
+                mine = await self._queue.taken_here(event.order_id)
+            except Exception as exc:  # noqa: BLE001 - Redis away again: the reaper has it
+                log.warning("could not look for %s among our taken exits: %s", event.order_id, exc)
+                return True
+            if mine is not None:
+                self._run_here(mine, {}, None)
+            return True
         tokens = {sid: token} if locked else {}
         if taken is None or taken.fields.get("order_id") != event.order_id:
             # Queued before (a sweep repeating), or an older exit came first: that one runs
@@ -245,10 +255,18 @@ class ExecutionEngine:
                 await self._locks.release_all(tokens)
                 tokens = {}
         if taken is not None:
-            task = asyncio.create_task(self._run_taken(taken, tokens, reading))
-            self._exits_here.add(task)
-            task.add_done_callback(self._exits_here.discard)
+            self._run_here(taken, tokens, reading)
         return True
+
+    def _run_here(
+        self,
+        delivery: Delivery,
+        tokens: dict[str, str],
+        reading: asyncio.Future[Any] | None,
+    ) -> None:
+        task = asyncio.create_task(self._run_taken(delivery, tokens, reading))
+        self._exits_here.add(task)
+        task.add_done_callback(self._exits_here.discard)
 
     async def _run_taken(
         self,

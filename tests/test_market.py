@@ -12,11 +12,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import redis.exceptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.algoplane.v1 import strategy_pb2 as pb
 from scripts.feedsim import FeedSimulator
 from server.domain import Intent, client_order_id
+from server.store.queue import OrderEvent
 from server.store.stoploss import Armed, StopLossIndex
 from tests.conftest import Harness
 from tests.support import RedisProcess
@@ -353,3 +355,39 @@ async def test_breach_racing_a_stop_that_keeps_the_position_is_recorded_not_plac
             pb.POSITION_BOUGHT,
         )
         assert await h.redis.hlen("symbol:{SBIN}:stoploss:fired") == 0
+
+
+async def test_an_exit_whose_enqueue_reply_was_lost_runs_at_once_not_after_the_reaper(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    # The reaper would find the taken entry only after a minute: the exit must not wait.
+    async with market(redis_proc, tmp_path, exec_claim_idle_s=60) as (h, feed):
+        sid = await open_position(h, feed, hold=30)
+        engine = h.app._engine
+        assert engine is not None
+        queue = engine._queue
+        real = queue.enqueue_and_take
+        lost: list[str] = []
+
+        async def reply_lost(event: OrderEvent, alongside: Any = None) -> Any:
+            # Redis ran the round trip (the entry is queued and taken for this process, its
+            # lock set); the reply never came back.
+            await real(event, alongside=alongside)
+            lost.append(event.order_id)
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+        queue.enqueue_and_take = reply_lost  # type: ignore[method-assign]
+        started = time.monotonic()
+        await feed.push("SBIN", "95")
+        await reaches(h, sid, pb.STRATEGY_STATUS_COMPLETED, timeout_s=10)
+        assert time.monotonic() - started < 10  # not the reaper's 60 s
+        assert lost == [client_order_id(sid, 1, Intent.STOPLOSS)]
+        assert (await runtime_of(h, sid)).position == pb.POSITION_EXITED_BY_SL
+        assert await h.redis.lrange(PAPER_LOG, 0, -1) == [
+            client_order_id(sid, 1, Intent.BUY),
+            client_order_id(sid, 1, Intent.STOPLOSS),
+        ]
+        await asyncio.sleep(0.3)
+        pending = await h.redis.xpending("{queue:orders}:exits", "engine")
+        assert pending["pending"] == 0  # run and acknowledged
+        assert await h.redis.exists(f"lock_state:{sid}") == 0

@@ -102,3 +102,27 @@ async def test_without_the_group_the_exit_is_queued_for_the_workers(redis: Redis
     await queue.ensure_group()  # the engine recreates it, from the stream's start
     left = await OrderQueue(redis=redis, consumer="worker").take(10, 10)
     assert [d.fields["strategy_id"] for d in left] == ["s1"]
+
+
+async def test_taken_here_finds_only_this_consumers_exit_of_that_order(redis: Redis) -> None:
+    here = OrderQueue(redis=redis, consumer="here")
+    there = OrderQueue(redis=redis, consumer="there")
+    await here.ensure_group()
+    mine, theirs = await here.enqueue_and_take(exit_of("s1"))
+    assert mine is not None and theirs == []
+    taken_there, _ = await there.enqueue_and_take(exit_of("s2"))
+    assert taken_there is not None
+
+    found = await here.taken_here(exit_of("s1").order_id)
+
+    assert found is not None
+    assert (found.stream, found.entry_id, found.fields) == (
+        mine.stream,
+        mine.entry_id,
+        mine.fields,
+    )
+    assert found.deliveries == 1
+    assert await here.taken_here(exit_of("s2").order_id) is None  # held by another process
+    assert await there.taken_here(exit_of("s1").order_id) is None
+    await here.ack(found)
+    assert await here.taken_here(exit_of("s1").order_id) is None

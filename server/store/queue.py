@@ -120,6 +120,27 @@ class OrderQueue:
             *beside, reply = await execute(pipe)
         return _taken(reply), beside
 
+    async def taken_here(self, order_id: str, count: int = 256) -> Delivery | None:
+        """The exit of `order_id` if this consumer holds it taken: an enqueue_and_take whose
+        reply was lost may have taken it, and nobody here knows to run it."""
+        pending = await self._redis.xpending_range(
+            keys.EXIT_QUEUE, keys.ENGINE_GROUP, "-", "+", count, consumername=self.consumer
+        )
+        if not pending:
+            return None
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for row in pending:
+                pipe.xrange(keys.EXIT_QUEUE, row["message_id"], row["message_id"], count=1)
+            replies = await execute(pipe)
+        for row, entries in zip(pending, replies, strict=True):
+            for entry_id, fields in entries or []:
+                if fields.get("order_id") == order_id:
+                    flat = cast(dict[str, str], fields)
+                    return Delivery(
+                        keys.EXIT_QUEUE, str(entry_id), flat, int(row["times_delivered"])
+                    )
+        return None
+
     async def enqueue_all(self, events: list[OrderEvent], *, attempts: int = 20) -> list[bool]:
         """Many events (a chunk of a burst of timers due at one instant) in one round trip;
         like enqueue_retrying, per event: True for each event now in the queue."""
