@@ -171,15 +171,24 @@ class Scheduler:
     async def _fire(self, due_us: int) -> None:
         """Everything due at this instant, in one burst."""
         timers = list(self._instants.pop(due_us, {}).values())
-        for timer in timers:
-            self._timers.pop((timer.strategy_id, timer.intent), None)
         fired_at = to_micros(self._clock.now())
-        # Chunk by chunk, the first one small: each chunk's events are built, sent (one round
-        # trip) and counted before the next is built, so the engine starts on the first
-        # orders while the rest of a 10,000-strategy burst is still being prepared.
+        # Chunk by chunk, the first one small: each chunk's timers are retired, its events
+        # built, sent (one round trip) and counted before the next is touched, so the engine
+        # starts on the first orders while the rest of a 10,000-strategy burst is still being
+        # prepared (retiring all 10,000 first held the first BUY back by 7 ms).
         bounds = [0, *range(min(_FIRST_CHUNK, len(timers)), len(timers), _CHUNK), len(timers)]
         for start, end in itertools.pairwise(bounds):
-            await self._enqueue(timers[start:end], fired_at)
+            chunk = timers[start:end]
+            self._retire(chunk)
+            await self._enqueue(chunk, fired_at)
+
+    def _retire(self, timers: list[_Timer]) -> None:
+        """Firing timers leave the timer table. Only these very timers: one replaced while
+        an earlier chunk was being sent (the strategy rescheduled) stays."""
+        for timer in timers:
+            key = (timer.strategy_id, timer.intent)
+            if self._timers.get(key) is timer:
+                del self._timers[key]
 
     async def _enqueue(self, timers: list[_Timer], fired_at: int) -> None:
         events = [
