@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from server.domain import Intent, Order, Runtime, Strategy
 from server.logs import bind as bind_log_context
 from server.logs import reset as reset_log_context
 from server.publisher import Publisher
-from server.store.db import Database
+from server.store.db import Database, Found
 from server.store.locks import StrategyLocks
 from server.store.queue import Delivery, OrderEvent, OrderQueue
 
@@ -79,17 +80,15 @@ class BatchLane:
         deliveries: list[Delivery],
         *,
         taken: dict[str, str] | None = None,
-        read_ahead: asyncio.Future[list[tuple[tuple[Strategy, Runtime] | None, Order | None]]]
-        | None = None,
+        read_in_commit: bool = False,
     ) -> list[Delivery]:
         """Runs the plain events to their end and acknowledges them (and malformed entries);
         returns the rest, not acknowledged, for the per-event path. `taken`: locks of these
-        events the caller holds already (released here); `read_ahead`: the DB read of
-        exactly these events (find_many), started by the caller."""
+        events the caller holds already (released here). `read_in_commit`: the DB read waits
+        for the locks and goes in the intents' transaction (one thread hop after the locks,
+        for a caller that took them already), instead of beside the locks' round trip and
+        then a commit (two hops, the first hidden behind the round trip)."""
         items, careful, done = _sort(deliveries)
-        if not items and read_ahead is not None:
-            read_ahead.cancel()
-            read_ahead.add_done_callback(_seen)
         if not items and taken:
             await self._locks.release_all(taken)
         if items:
@@ -98,21 +97,23 @@ class BatchLane:
             # fails the intent's checks (runtime version, order not yet stored), and that
             # event then goes to the per-event path, which reads again under the lock.
             pairs = [(item.event.strategy_id, item.event.order_id) for item in items]
-            reading = read_ahead or asyncio.ensure_future(self._db.find_many(pairs))
+            reading = None if read_in_commit else asyncio.ensure_future(self._db.find_many(pairs))
             ids = [p[0] for p in pairs]
             try:
                 async with self._locks.held_where_free(ids, taken) as tokens:
-                    found = await reading
-                    for item, (row, existing) in zip(items, found, strict=True):
-                        item.found, item.existing = row, existing
+                    if reading is not None:
+                        found = await reading
+                        for item, (row, existing) in zip(items, found, strict=True):
+                            item.found, item.existing = row, existing
                     careful += [i.delivery for i in items if i.event.strategy_id not in tokens]
                     mine = [i for i in items if i.event.strategy_id in tokens]
-                    finished, left = await self._run_locked(mine)
+                    finished, left = await self._run_locked(mine, read_in_commit)
             finally:
-                # Not awaited here: a cancel of this task must not be swallowed. Its error,
-                # if any, reached the caller through `await reading` already.
-                reading.cancel()
-                reading.add_done_callback(_seen)
+                if reading is not None:
+                    # Not awaited here: a cancel of this task must not be swallowed. Its
+                    # error, if any, reached the caller through `await reading` already.
+                    reading.cancel()
+                    reading.add_done_callback(_seen)
             careful += [item.delivery for item in left]
             done += [item.delivery for item in finished]
         try:
@@ -121,13 +122,15 @@ class BatchLane:
             log.warning("could not acknowledge %d events: %s", len(done), exc)
         return careful
 
-    async def _run_locked(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
+    async def _run_locked(
+        self, items: list[_Item], read_in_commit: bool
+    ) -> tuple[list[_Item], list[_Item]]:
         """(finished, left for the per-event path)."""
         if not items:
             return [], []
         toucher = asyncio.create_task(self._touch([item.delivery for item in items]))
         try:
-            return await self._execute(items)
+            return await self._execute(items, read_in_commit)
         except Exception as exc:  # noqa: BLE001 - the per-event path resumes from the DB
             log.warning("a batch of %d events failed (%s); running each alone", len(items), exc)
             return [], items
@@ -142,10 +145,15 @@ class BatchLane:
             with contextlib.suppress(Exception):
                 await self._queue.touch_all(deliveries)
 
-    async def _execute(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
-        ready, finished, left = self._read(items)
-        ready, lost = await self._save_intents(ready)
-        left += lost
+    async def _execute(
+        self, items: list[_Item], read_in_commit: bool
+    ) -> tuple[list[_Item], list[_Item]]:
+        if read_in_commit:
+            ready, finished, left = await self._read_and_save_intents(items)
+        else:
+            ready, finished, left = self._read(items)
+            ready, lost = await self._save_intents(ready)
+            left += lost
         placed, unplaced, failed = await self._place_all(ready)
         left += failed
         settled, lost = await self._save_settled(placed)
@@ -167,17 +175,55 @@ class BatchLane:
         finished: list[_Item] = []
         left: list[_Item] = []
         for item in items:
-            if item.found is None:
-                log.error("event for unknown strategy %s dropped", item.event.strategy_id)
+            verdict = self._judge(item)
+            if verdict is _Verdict.UNKNOWN:
+                _log_unknown(item)
                 finished.append(item)
-                continue
-            strategy, runtime = item.found
-            if item.existing is not None or self._engine.verdict(item.event, strategy, runtime):
+            else:
+                (ready if verdict is _Verdict.READY else left).append(item)
+        return ready, finished, left
+
+    def _judge(self, item: _Item) -> _Verdict:
+        """Whether the event is plain, by what the read found; for one that is, its intent
+        (`item.order`, `item.runtime`). Pure: it may run on the DB's thread."""
+        if item.found is None:
+            return _Verdict.UNKNOWN
+        strategy, runtime = item.found
+        if item.existing is not None or self._engine.verdict(item.event, strategy, runtime):
+            return _Verdict.LEFT
+        item.strategy = strategy
+        item.order, item.runtime = self._engine.intent(item.event, strategy, runtime)
+        return _Verdict.READY
+
+    async def _read_and_save_intents(
+        self, items: list[_Item]
+    ) -> tuple[list[_Item], list[_Item], list[_Item]]:
+        """_read() and _save_intents() in one DB transaction and one thread hop."""
+
+        def decide(found: list[Found]) -> list[tuple[Runtime, list[tuple[Order, int]]] | None]:
+            changes: list[tuple[Runtime, list[tuple[Order, int]]] | None] = []
+            for item, (row, existing) in zip(items, found, strict=True):
+                item.found, item.existing = row, existing
+                verdict = self._judge(item)
+                if verdict is _Verdict.READY and item.runtime is not None:
+                    changes.append((item.runtime, [_with_run(item)]))
+                else:
+                    changes.append(None)
+            return changes
+
+        pairs = [(item.event.strategy_id, item.event.order_id) for item in items]
+        saved = await self._db.read_and_save_intents(pairs, decide)
+        ready: list[_Item] = []
+        finished: list[_Item] = []
+        left: list[_Item] = []
+        for item, ok in zip(items, saved, strict=True):
+            if ok:
+                ready.append(item)
+            elif ok is None and item.found is None:
+                _log_unknown(item)
+                finished.append(item)
+            else:  # not plain, or its write lost a check
                 left.append(item)
-                continue
-            item.strategy = strategy
-            item.order, item.runtime = self._engine.intent(item.event, strategy, runtime)
-            ready.append(item)
         return ready, finished, left
 
     async def _save_intents(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
@@ -298,6 +344,16 @@ def _sort(deliveries: list[Delivery]) -> tuple[list[_Item], list[Delivery], list
         seen.add(event.strategy_id)
         items.append(_Item(delivery, event))
     return items, careful, malformed
+
+
+class _Verdict(enum.Enum):
+    READY = "ready"  # plain: its intent is made
+    LEFT = "left"  # for the per-event path
+    UNKNOWN = "unknown"  # no such strategy: dropped
+
+
+def _log_unknown(item: _Item) -> None:
+    log.error("event for unknown strategy %s dropped", item.event.strategy_id)
 
 
 def _seen(done: asyncio.Future[Any]) -> None:

@@ -29,7 +29,13 @@ from server.domain import (
     new_strategy_id,
 )
 from server.errors import FailedPrecondition, NotFound, strategy_not_found
-from server.store.db import Database, IdempotencyConflict, IdempotencyKey, StoredResponse
+from server.store.db import (
+    Database,
+    Found,
+    IdempotencyConflict,
+    IdempotencyKey,
+    StoredResponse,
+)
 from tests.conftest import make_settings, start_harness, stop_harness
 from tests.support import RedisProcess, aio_stub, auth, spec
 
@@ -414,6 +420,58 @@ async def test_fresh_intent_is_refused_where_its_order_is_stored(db: Database) -
     assert await db.save(later, [(sell, 1)], fresh=True)
     assert await db.list_orders(TENANT, strategy.id) == [skipped, sell]
     assert (await db.get_strategy(TENANT, strategy.id))[1] == later
+
+
+async def test_read_and_save_intents_writes_what_was_decided_from_what_it_read(
+    db: Database,
+) -> None:
+    """read_and_save_intents hands `decide` what find_many would have read, writes only the
+    changes it returns, and keeps their checks: per pair True (written), False (its order
+    is stored already, or its runtime moved on: nothing of it written) or None (none
+    asked)."""
+    ready, ready_runtime = make_strategy(status=StrategyStatus.SCHEDULED)
+    done, done_runtime = make_strategy(status=StrategyStatus.SCHEDULED)
+    moved, moved_runtime = make_strategy(status=StrategyStatus.SCHEDULED)
+    for strategy, runtime in ((ready, ready_runtime), (done, done_runtime), (moved, moved_runtime)):
+        await insert(db, strategy, runtime)
+    stored = make_order(done, OrderKind.BUY, status=OrderStatus.FILLED)
+    assert await db.save(None, [(stored, 1)])
+    intents = {
+        s.id: make_order(s, OrderKind.BUY, status=OrderStatus.SUBMITTED, attempts=1)
+        for s in (ready, done, moved)
+    }
+    pairs = [(s.id, intents[s.id].id) for s in (ready, done, moved)]
+    pairs += [("no-such-strategy", "no-such-order"), (ready.id, "not-asked")]
+    seen: list[object] = []
+
+    def decide(found: list[Found]) -> list[tuple[Runtime, list[tuple[Order, int]]] | None]:
+        seen.extend(found)
+        changes: list[tuple[Runtime, list[tuple[Order, int]]] | None] = []
+        for (sid, oid), (row, _) in zip(pairs, found, strict=True):
+            if row is None or oid == "not-asked":
+                changes.append(None)
+                continue
+            _, runtime = row
+            # `moved` is written over a version that is not the stored one: a lost check.
+            version = runtime.version + (2 if sid == moved.id else 1)
+            after = replace(runtime, version=version, last_buy_order_id=oid)
+            changes.append((after, [(intents[sid], 1)]))
+        return changes
+
+    assert await db.read_and_save_intents(pairs, decide) == [True, False, False, None, None]
+    assert seen == [
+        ((ready, ready_runtime), None),
+        ((done, done_runtime), stored),
+        ((moved, moved_runtime), None),
+        (None, None),
+        ((ready, ready_runtime), None),
+    ]
+    assert await db.list_orders(TENANT, ready.id) == [intents[ready.id]]
+    assert await db.list_orders(TENANT, done.id) == [stored]
+    assert await db.list_orders(TENANT, moved.id) == []
+    assert (await db.get_strategy(TENANT, ready.id))[1].last_buy_order_id == intents[ready.id].id
+    assert (await db.get_strategy(TENANT, done.id))[1] == done_runtime
+    assert (await db.get_strategy(TENANT, moved.id))[1] == moved_runtime
 
 
 @pytest.mark.postgres

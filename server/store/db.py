@@ -129,6 +129,8 @@ class IdempotencyConflict(Exception):
 
 
 Transition = Callable[[Strategy, Runtime], Runtime]
+# A strategy with its runtime (None: no such strategy) and one of its orders (None: not stored).
+Found = tuple[tuple[Strategy, Runtime] | None, Order | None]
 
 
 class Database:
@@ -364,25 +366,35 @@ class Database:
         found = (_strategy(row), _runtime(row)) if row is not None else None
         return found, (_order(order) if order is not None else None)
 
-    async def find_many(
-        self, pairs: list[tuple[str, str]]
-    ) -> list[tuple[tuple[Strategy, Runtime] | None, Order | None]]:
+    async def find_many(self, pairs: list[tuple[str, str]]) -> list[Found]:
         """find_with_order() for many (strategy id, order id) pairs, in one read on SQLite."""
         if self._hot_writer is None:
             return [await self.find_with_order(sid, oid) for sid, oid in pairs]
-        found: list[tuple[tuple[Strategy, Runtime] | None, Order | None]] = []
-        for values, order_values in await self._hot_writer.find_many(pairs):
-            if values is None:
-                found.append((None, None))
-                continue
-            # Plain attribute holders: SQLModel's model_construct and SQLAlchemy's instrumented
-            # attributes cost more than the conversion itself, on every order of a burst.
-            hot = cast(StrategyRow, SimpleNamespace(**values))
-            hot_order = cast(OrderRow, SimpleNamespace(**order_values)) if order_values else None
-            found.append(
-                ((_strategy(hot), _runtime(hot)), _order(hot_order) if hot_order else None)
-            )
-        return found
+        return [_found(*row) for row in await self._hot_writer.find_many(pairs)]
+
+    async def read_and_save_intents(
+        self,
+        pairs: list[tuple[str, str]],
+        decide: Callable[[list[Found]], list[tuple[Runtime, list[tuple[Order, int]]] | None]],
+    ) -> list[bool | None]:
+        """find_many(), then save_many(fresh=True) of what `decide` makes of it (None for a
+        pair: nothing to write); per pair, whether its write went through (None: none
+        asked). On SQLite both run in one transaction and one thread hop, and `decide` runs
+        on that thread: it must not touch the event loop. A stop-loss exit pays one hop
+        between taking its lock and calling the broker, not a read and then a commit."""
+        if self._hot_writer is None:
+            changes = decide(await self.find_many(pairs))
+            asked: list[tuple[Runtime | None, list[tuple[Order, int]]]] = [
+                change for change in changes if change is not None
+            ]
+            saved = iter(await self.save_many(asked, fresh=True))
+            return [None if change is None else next(saved) for change in changes]
+
+        def on_thread(rows: list[tuple[Any, Any]]) -> list[Any]:
+            changes = decide([_found(*row) for row in rows])
+            return [None if change is None else _save_item(*change) for change in changes]
+
+        return await self._hot_writer.read_and_save(pairs, on_thread)
 
     async def list_changed_since(
         self, since_us: int, known: Callable[[str, int], bool] | None = None
@@ -472,16 +484,7 @@ class Database:
         if self._hot_writer is None:
             return [await self.save(runtime, orders, fresh=fresh) for runtime, orders in changes]
         return await self._hot_writer.save_many(
-            [
-                (
-                    runtime.strategy_id if runtime is not None else "",
-                    runtime.version - 1 if runtime is not None else None,
-                    _runtime_values(runtime) if runtime is not None else None,
-                    [_order_values(order, run) for order, run in orders],
-                )
-                for runtime, orders in changes
-            ],
-            fresh=fresh,
+            [_save_item(runtime, orders) for runtime, orders in changes], fresh=fresh
         )
 
     def _upsert_order(self, values: dict[str, Any]) -> Any:
@@ -499,6 +502,29 @@ class Database:
         async with AsyncSession(self._engine) as session:
             rows = (await session.exec(query)).all()
         return [_order(row) for row in rows]
+
+
+def _found(values: dict[str, Any] | None, order_values: dict[str, Any] | None) -> Found:
+    """SqliteWriter's columns as a strategy, its runtime and an order."""
+    if values is None:
+        return None, None
+    # Plain attribute holders: SQLModel's model_construct and SQLAlchemy's instrumented
+    # attributes cost more than the conversion itself, on every order of a burst.
+    hot = cast(StrategyRow, SimpleNamespace(**values))
+    hot_order = cast(OrderRow, SimpleNamespace(**order_values)) if order_values else None
+    return (_strategy(hot), _runtime(hot)), _order(hot_order) if hot_order else None
+
+
+def _save_item(
+    runtime: Runtime | None, orders: list[tuple[Order, int]]
+) -> tuple[str, int | None, dict[str, Any] | None, list[dict[str, Any]]]:
+    """A change as SqliteWriter writes it."""
+    return (
+        runtime.strategy_id if runtime is not None else "",
+        runtime.version - 1 if runtime is not None else None,
+        _runtime_values(runtime) if runtime is not None else None,
+        [_order_values(order, run) for order, run in orders],
+    )
 
 
 def _engine_options(url: str, timeout_s: float) -> dict[str, Any]:

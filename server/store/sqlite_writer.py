@@ -72,6 +72,16 @@ class SqliteWriter:
         """find() for many (strategy id, order id) pairs in one hop."""
         return await self._call(partial(self._find_many, pairs))
 
+    async def read_and_save(
+        self, pairs: list[tuple[str, str]], decide: Callable[[list[_Found]], list[_SaveItem | None]]
+    ) -> list[bool | None]:
+        """find_many() and save_many(fresh=True) in one hop and one transaction: `decide`
+        runs on this thread with what was read and names what to write for each pair (None:
+        nothing). Returns, per pair, whether its write went through (None: none asked). A
+        write still carries its own checks, though nothing can commit between the read and
+        it: the read is inside the write transaction."""
+        return await self._call(partial(self._read_and_save, pairs, decide))
+
     async def insert(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
         """(table, column values) rows in one transaction; sqlite3.IntegrityError when a key
         is taken (nothing written)."""
@@ -203,8 +213,25 @@ class SqliteWriter:
                 conn.execute("ROLLBACK")
             raise
 
-    def _find_many(self, pairs: list[tuple[str, str]]) -> list[_Found]:
+    def _read_and_save(
+        self, pairs: list[tuple[str, str]], decide: Callable[[list[_Found]], list[_SaveItem | None]]
+    ) -> list[bool | None]:
         conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            items = decide(self._find_many(pairs, conn))
+            saved = [None if item is None else self._write(conn, *item, [], True) for item in items]
+            conn.execute("COMMIT")
+            return saved
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _find_many(
+        self, pairs: list[tuple[str, str]], conn: sqlite3.Connection | None = None
+    ) -> list[_Found]:
+        conn = conn or self._connection()
         strategies = self._rows_by_id(conn, self._strategies, [sid for sid, _ in pairs])
         orders = self._rows_by_id(conn, self._orders, [oid for _, oid in pairs])
         return [
