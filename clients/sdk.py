@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -50,6 +50,7 @@ class _Event(Protocol):
 
 
 E = TypeVar("E", bound=_Event)
+M = TypeVar("M")  # a stream's message: one event, or a batch of them
 
 # grpc's own reconnect backoff grows to 120 s by default, so a client could sit out a server
 # that came back long ago; ours bounds it near the SDK's own backoff.
@@ -228,16 +229,26 @@ class AlgoplaneClient:
         after_event_id: str = "",
         *,
         on_state: StateHook | None = None,
+        batched: bool = True,
     ) -> AsyncGenerator[pb.RuntimeEvent]:
         """Runtime events of one strategy (empty: all of the caller's), from now or after
         `after_event_id`, resuming by itself across disconnects and server restarts.
-        Raises StreamGapError when the server no longer keeps the events to resume from."""
+        Raises StreamGapError when the server no longer keeps the events to resume from.
+        `batched`: read StreamRuntimeBatches (events that wait go in one message; yielded
+        one by one all the same); False: StreamRuntime, one message per event."""
+        if batched:
+
+            def open_batches(after: str) -> grpc.aio.UnaryStreamCall[Any, pb.RuntimeEventBatch]:
+                request = pb.StreamRuntimeRequest(strategy_id=strategy_id, after_event_id=after)
+                return self._stub.StreamRuntimeBatches(request, metadata=self._metadata)
+
+            return self._follow(open_batches, after_event_id, on_state, _events_of)
 
         def open_call(after: str) -> grpc.aio.UnaryStreamCall[Any, pb.RuntimeEvent]:
             request = pb.StreamRuntimeRequest(strategy_id=strategy_id, after_event_id=after)
             return self._stub.StreamRuntime(request, metadata=self._metadata)
 
-        return self._follow(open_call, after_event_id, on_state)
+        return self._follow(open_call, after_event_id, on_state, _alone)
 
     def watch_orders(
         self,
@@ -245,14 +256,22 @@ class AlgoplaneClient:
         after_event_id: str = "",
         *,
         on_state: StateHook | None = None,
+        batched: bool = True,
     ) -> AsyncGenerator[pb.OrderEvent]:
-        """Order events, with the same resuming as `watch_runtime`."""
+        """Order events, with the same resuming (and `batched`) as `watch_runtime`."""
+        if batched:
+
+            def open_batches(after: str) -> grpc.aio.UnaryStreamCall[Any, pb.OrderEventBatch]:
+                request = pb.StreamOrdersRequest(strategy_id=strategy_id, after_event_id=after)
+                return self._stub.StreamOrdersBatches(request, metadata=self._metadata)
+
+            return self._follow(open_batches, after_event_id, on_state, _events_of)
 
         def open_call(after: str) -> grpc.aio.UnaryStreamCall[Any, pb.OrderEvent]:
             request = pb.StreamOrdersRequest(strategy_id=strategy_id, after_event_id=after)
             return self._stub.StreamOrders(request, metadata=self._metadata)
 
-        return self._follow(open_call, after_event_id, on_state)
+        return self._follow(open_call, after_event_id, on_state, _alone)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -282,9 +301,10 @@ class AlgoplaneClient:
 
     async def _follow(
         self,
-        open_call: Callable[[str], grpc.aio.UnaryStreamCall[Any, E]],
+        open_call: Callable[[str], grpc.aio.UnaryStreamCall[Any, M]],
         after_event_id: str,
         on_state: StateHook | None,
+        unpack: Callable[[M], Iterable[E]],
     ) -> AsyncGenerator[E]:
         """Yields events; after a resumable failure waits, reopens after the last event_id
         yielded (or, before any event, after the position the server announced when the
@@ -299,10 +319,12 @@ class AlgoplaneClient:
                 self._up(call, _connected(last, reconnect=attempt > 0), report)
             )
             try:
-                async for event in call:
+                async for message in call:
                     await up  # reported before the first event
-                    last = event.event_id
-                    yield event
+                    for event in unpack(message):
+                        # Resumes after the last event handed out, mid-batch included.
+                        last = event.event_id
+                        yield event
                 error = "the server ended the stream"
             except grpc.aio.AioRpcError as exc:
                 error = _failure(exc, last, report)
@@ -318,7 +340,7 @@ class AlgoplaneClient:
             await asyncio.sleep(self._retry.delay(attempt))
 
     async def _up(
-        self, call: grpc.aio.UnaryStreamCall[Any, E], state: StreamState, report: StateHook
+        self, call: grpc.aio.UnaryStreamCall[Any, Any], state: StreamState, report: StateHook
     ) -> tuple[float, str]:
         """Reports the stream connected once its headers arrived, which the server sends as
         soon as the stream's position is fixed; returns when that was and the event_id the
@@ -331,6 +353,14 @@ class AlgoplaneClient:
         if not call.done():
             report(state)
         return time.monotonic(), start_after
+
+
+def _alone(event: E) -> Iterable[E]:
+    return (event,)
+
+
+def _events_of(batch: Any) -> Iterable[Any]:
+    return batch.events  # type: ignore[no-any-return]
 
 
 def _connected(resumed_after: str, *, reconnect: bool) -> StreamState:

@@ -33,11 +33,29 @@ class Encoded:
     event_id: str
     strategy_id: str
     payload: bytes
+    # The payload as one element of a batch message's `repeated ... events = 1` field (its
+    # tag, its length, itself): a batch is these joined, with no encoding per subscriber.
+    element: bytes
 
 
 def encode(position: StreamId, fields: Flat, encoder: Encode) -> Encoded:
     event_id = format_stream_id(position)
-    return Encoded(position, event_id, fields.get("strategy_id", ""), encoder(event_id, fields))
+    payload = encoder(event_id, fields)
+    element = _EVENTS_TAG + _varint(len(payload)) + payload
+    return Encoded(position, event_id, fields.get("strategy_id", ""), payload, element)
+
+
+# Field 1, wire type 2 (length-delimited): (1 << 3) | 2.
+_EVENTS_TAG = b"\x0a"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class TenantFeed:

@@ -30,7 +30,7 @@ BROKER_OPERATIONS = ("place_order", "get_order")
 # ok: a reply; error: the broker raised (ambiguous or not); cancelled: the engine's broker
 # timeout ran out (or shutdown) while the call was still running.
 BROKER_OUTCOMES = ("ok", "error", "cancelled")
-STREAM_METHODS = ("StreamRuntime", "StreamOrders")
+STREAM_METHODS = ("StreamRuntime", "StreamOrders", "StreamRuntimeBatches", "StreamOrdersBatches")
 
 _TICK_TO_ORDER_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -110,7 +110,7 @@ class Metrics:
         )
         self.stream_subscribers = Gauge(
             "algoplane_stream_subscribers",
-            "Open StreamRuntime/StreamOrders calls on this process.",
+            "Open stream calls (StreamRuntime, StreamOrders and their *Batches) on this process.",
             ["method"],
             registry=registry,
         )

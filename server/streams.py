@@ -49,7 +49,7 @@ class EventStreams:
         strategy_id: str,
         after_event_id: str,
         on_start: Callable[[str], Awaitable[None]] | None = None,
-    ) -> AsyncGenerator[list[bytes]]:
+    ) -> AsyncGenerator[list[Encoded]]:
         """The encoded events after the start position, in order, as many at a time as have
         arrived; the start position is given to `on_start` (as an event_id to resume after)
         once it is fixed."""
@@ -73,11 +73,9 @@ class EventStreams:
                     continue
                 position = items[-1].position
                 if strategy_id:
-                    payloads = [i.payload for i in items if i.strategy_id == strategy_id]
-                    if payloads:
-                        yield payloads
-                else:
-                    yield [item.payload for item in items]
+                    items = [i for i in items if i.strategy_id == strategy_id]
+                if items:
+                    yield items
         finally:
             await self._unsubscribe(kind, tenant, feed)
 

@@ -188,6 +188,54 @@ async def test_streams_resume_across_a_restart_with_no_gap_and_no_duplicate(
     assert resumed[-1].resumed_after == got[0].event_id and not resumed[-1].gap_possible
 
 
+async def test_a_batch_is_handed_out_event_by_event_and_resumed_after_its_last(
+    clean_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """watch_runtime reads StreamRuntimeBatches: three events waiting at the resume point
+    arrive as one message and are yielded one by one; after the server goes away and comes
+    back, the stream resumes after the last of them (the next change once, nothing twice).
+    batched=False reads the single-event stream and yields the same events."""
+    port = free_port()
+    md = auth("sdk-user")
+    client = AlgoplaneClient(f"127.0.0.1:{port}", token("sdk-user"), retry=FAST)
+    async with client:
+        async with restartable(clean_redis, tmp_path, port) as first:
+            anchor = await first.stub.StartStrategy(
+                pb.StartStrategyRequest(spec=spec(symbol="A0")), metadata=md
+            )
+            info = await first.redis.xinfo_stream("stream:runtime:{sdk-user}")
+            after = str(info["last-generated-id"])
+            waiting = [
+                await first.stub.StartStrategy(
+                    pb.StartStrategyRequest(spec=spec(symbol=f"W{n}")), metadata=md
+                )
+                for n in range(3)
+            ]
+            batches = first.stub.StreamRuntimeBatches(
+                pb.StreamRuntimeRequest(after_event_id=after), metadata=md
+            )
+            one = await asyncio.wait_for(batches.read(), 5)
+            batches.cancel()
+            assert isinstance(one, pb.RuntimeEventBatch)
+            assert [e.runtime for e in one.events] == waiting  # one message
+
+            events = client.watch_runtime(after_event_id=after)
+            got = [await asyncio.wait_for(anext(events), 5)]
+            plain = client.watch_runtime(after_event_id=after, batched=False)
+            singles = [await asyncio.wait_for(anext(plain), 5) for _ in waiting]
+            await plain.aclose()
+        # The server is gone; the rest of the batch was in hand already.
+        got += [await asyncio.wait_for(anext(events), 5) for _ in waiting[1:]]
+        nxt = asyncio.ensure_future(anext(events))
+        async with restartable(clean_redis, tmp_path, port):
+            later = await client.stop(anchor.strategy_id)
+            got.append(await asyncio.wait_for(nxt, 15))
+        await events.aclose()
+    assert [e.runtime for e in got] == [*waiting, later]
+    assert got[:3] == singles
+    assert len({e.event_id for e in got}) == 4
+
+
 async def test_a_position_the_stream_no_longer_keeps_is_a_gap_error(server: Harness) -> None:
     states: list[StreamState] = []
     async with AlgoplaneClient(f"127.0.0.1:{server.port}", token("sdk-user")) as client:

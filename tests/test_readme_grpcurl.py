@@ -258,6 +258,9 @@ async def first_event_id(stream: Stream, timeout_s: float = 10.0) -> str:
                 break
             await stream.grew.wait()
     first = messages[0]
+    if isinstance(first, pb.RuntimeEventBatch | pb.OrderEventBatch):
+        assert first.events, "an empty batch"
+        first = first.events[0]
     assert isinstance(first, pb.RuntimeEvent | pb.OrderEvent)
     return first.event_id
 
@@ -324,7 +327,7 @@ async def test_every_command_runs_against_a_real_server(
         for stream in s.streams:
             assert stream.process.returncode is None, f"a stream ended: {stream.command.text}"
             messages = stream.parse()
-            if stream.command.target.endswith("StreamRuntime"):
+            if stream.command.target.endswith(("StreamRuntime", "StreamRuntimeBatches")):
                 assert messages, f"no runtime event on: {stream.command.text}"
             if '"strategy_id": "\'$ID\'"' in stream.command.text:
                 events = [m for m in messages if isinstance(m, pb.RuntimeEvent)]

@@ -23,6 +23,7 @@ from server.api.interceptors import tenant
 from server.api.stall_watch import StallWatch
 from server.errors import InvalidArgument, ResourceExhausted
 from server.manager import StrategyManager
+from server.metrics import STREAM_METHODS
 from server.store.codec import Flat, order_from_flat, runtime_from_flat
 from server.store.keys import StreamKind
 from server.streams import EventStreams
@@ -100,8 +101,28 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
     ) -> None:
         await self._stream("orders", request.strategy_id, request.after_event_id, context)
 
+    async def StreamRuntimeBatches(  # type: ignore[override]
+        self, request: pb.StreamRuntimeRequest, context: Context
+    ) -> None:
+        await self._stream(
+            "runtime", request.strategy_id, request.after_event_id, context, batched=True
+        )
+
+    async def StreamOrdersBatches(  # type: ignore[override]
+        self, request: pb.StreamOrdersRequest, context: Context
+    ) -> None:
+        await self._stream(
+            "orders", request.strategy_id, request.after_event_id, context, batched=True
+        )
+
     async def _stream(
-        self, kind: StreamKind, strategy_id: str, after_event_id: str, context: Context
+        self,
+        kind: StreamKind,
+        strategy_id: str,
+        after_event_id: str,
+        context: Context,
+        *,
+        batched: bool = False,
     ) -> None:
         owner = tenant()
         if strategy_id:
@@ -119,10 +140,20 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
             # aclosing: the subscription ends with the call, not whenever the generator is
             # collected.
             async with contextlib.aclosing(events):
-                async for payloads in events:
-                    for payload in payloads:
+                async for items in events:
+                    # Batched, every event that has arrived goes in one write: grpc.aio's
+                    # cost per message, not ours per event, is what bounds a fan-out.
+                    messages = (
+                        [
+                            b"".join(item.element for item in items[at : at + BATCH_MAX])
+                            for at in range(0, len(items), BATCH_MAX)
+                        ]
+                        if batched
+                        else [item.payload for item in items]
+                    )
+                    for message in messages:
                         writer.since = time.monotonic()
-                        await context.write(payload)
+                        await context.write(message)
                     writer.since = None
         except asyncio.CancelledError:
             if not writer.cut_off():
@@ -151,7 +182,9 @@ ENCODERS: dict[StreamKind, Callable[[str, Flat], bytes]] = {
     "orders": encode_order_event,
 }
 _SERVICE = "algoplane.v1.StrategyService"
-_PRE_ENCODED = ("StreamRuntime", "StreamOrders")
+_PRE_ENCODED = STREAM_METHODS
+# Events in one message of a *Batches stream (a few hundred bytes each).
+BATCH_MAX = 256
 
 
 class _Capture:

@@ -522,6 +522,28 @@ class RuntimeEvent(_message.Message):
 Global___RuntimeEvent: _TypeAlias = RuntimeEvent  # noqa: Y015
 
 @_typing.final
+class RuntimeEventBatch(_message.Message):
+    """Never empty; resume after the event_id of the last event handled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuntimeEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___RuntimeEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuntimeEventBatch: _TypeAlias = RuntimeEventBatch  # noqa: Y015
+
+@_typing.final
 class ListOrdersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -605,3 +627,23 @@ class OrderEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OrderEvent: _TypeAlias = OrderEvent  # noqa: Y015
+
+@_typing.final
+class OrderEventBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___OrderEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderEventBatch: _TypeAlias = OrderEventBatch  # noqa: Y015

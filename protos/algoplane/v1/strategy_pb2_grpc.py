@@ -79,6 +79,16 @@ class StrategyServiceStub:
                 request_serializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.StreamOrdersRequest.SerializeToString,
                 response_deserializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.OrderEvent.FromString,
                 _registered_method=True)
+        self.StreamRuntimeBatches = channel.unary_stream(
+                '/algoplane.v1.StrategyService/StreamRuntimeBatches',
+                request_serializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.StreamRuntimeRequest.SerializeToString,
+                response_deserializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.RuntimeEventBatch.FromString,
+                _registered_method=True)
+        self.StreamOrdersBatches = channel.unary_stream(
+                '/algoplane.v1.StrategyService/StreamOrdersBatches',
+                request_serializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.StreamOrdersRequest.SerializeToString,
+                response_deserializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.OrderEventBatch.FromString,
+                _registered_method=True)
 
 
 class StrategyServiceServicer:
@@ -142,6 +152,22 @@ class StrategyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamRuntimeBatches(self, request, context):
+        """The same events, in the same order, with the same resume by after_event_id, but the
+        events that are waiting when the server writes go in one message (at most 256): a
+        dashboard that falls behind catches up in a few messages instead of one per event.
+        Below that, a message carries one event. The Python SDK's watch_* use these.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamOrdersBatches(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StrategyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +215,16 @@ def add_StrategyServiceServicer_to_server(servicer, server):
                     servicer.StreamOrders,
                     request_deserializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.StreamOrdersRequest.FromString,
                     response_serializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.OrderEvent.SerializeToString,
+            ),
+            'StreamRuntimeBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamRuntimeBatches,
+                    request_deserializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.StreamRuntimeRequest.FromString,
+                    response_serializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.RuntimeEventBatch.SerializeToString,
+            ),
+            'StreamOrdersBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamOrdersBatches,
+                    request_deserializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.StreamOrdersRequest.FromString,
+                    response_serializer=protos_dot_algoplane_dot_v1_dot_strategy__pb2.OrderEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +470,60 @@ class StrategyService:
             '/algoplane.v1.StrategyService/StreamOrders',
             protos_dot_algoplane_dot_v1_dot_strategy__pb2.StreamOrdersRequest.SerializeToString,
             protos_dot_algoplane_dot_v1_dot_strategy__pb2.OrderEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamRuntimeBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/algoplane.v1.StrategyService/StreamRuntimeBatches',
+            protos_dot_algoplane_dot_v1_dot_strategy__pb2.StreamRuntimeRequest.SerializeToString,
+            protos_dot_algoplane_dot_v1_dot_strategy__pb2.RuntimeEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamOrdersBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/algoplane.v1.StrategyService/StreamOrdersBatches',
+            protos_dot_algoplane_dot_v1_dot_strategy__pb2.StreamOrdersRequest.SerializeToString,
+            protos_dot_algoplane_dot_v1_dot_strategy__pb2.OrderEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,13 @@ class StrategyServiceStub:
     """
     ListOrders: _grpc.UnaryUnaryMultiCallable[_strategy_pb2.ListOrdersRequest, _strategy_pb2.ListOrdersResponse]
     StreamOrders: _grpc.UnaryStreamMultiCallable[_strategy_pb2.StreamOrdersRequest, _strategy_pb2.OrderEvent]
+    StreamRuntimeBatches: _grpc.UnaryStreamMultiCallable[_strategy_pb2.StreamRuntimeRequest, _strategy_pb2.RuntimeEventBatch]
+    """The same events, in the same order, with the same resume by after_event_id, but the
+    events that are waiting when the server writes go in one message (at most 256): a
+    dashboard that falls behind catches up in a few messages instead of one per event.
+    Below that, a message carries one event. The Python SDK's watch_* use these.
+    """
+    StreamOrdersBatches: _grpc.UnaryStreamMultiCallable[_strategy_pb2.StreamOrdersRequest, _strategy_pb2.OrderEventBatch]
 
 @_typing.type_check_only
 class StrategyServiceAsyncStub(StrategyServiceStub):
@@ -67,6 +74,13 @@ class StrategyServiceAsyncStub(StrategyServiceStub):
     """
     ListOrders: _aio.UnaryUnaryMultiCallable[_strategy_pb2.ListOrdersRequest, _strategy_pb2.ListOrdersResponse]  # type: ignore[assignment]
     StreamOrders: _aio.UnaryStreamMultiCallable[_strategy_pb2.StreamOrdersRequest, _strategy_pb2.OrderEvent]  # type: ignore[assignment]
+    StreamRuntimeBatches: _aio.UnaryStreamMultiCallable[_strategy_pb2.StreamRuntimeRequest, _strategy_pb2.RuntimeEventBatch]  # type: ignore[assignment]
+    """The same events, in the same order, with the same resume by after_event_id, but the
+    events that are waiting when the server writes go in one message (at most 256): a
+    dashboard that falls behind catches up in a few messages instead of one per event.
+    Below that, a message carries one event. The Python SDK's watch_* use these.
+    """
+    StreamOrdersBatches: _aio.UnaryStreamMultiCallable[_strategy_pb2.StreamOrdersRequest, _strategy_pb2.OrderEventBatch]  # type: ignore[assignment]
 
 class StrategyServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -136,5 +150,24 @@ class StrategyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _strategy_pb2.StreamOrdersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_strategy_pb2.OrderEvent], _abc.AsyncIterator[_strategy_pb2.OrderEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def StreamRuntimeBatches(
+        self,
+        request: _strategy_pb2.StreamRuntimeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_strategy_pb2.RuntimeEventBatch], _abc.AsyncIterator[_strategy_pb2.RuntimeEventBatch]]:
+        """The same events, in the same order, with the same resume by after_event_id, but the
+        events that are waiting when the server writes go in one message (at most 256): a
+        dashboard that falls behind catches up in a few messages instead of one per event.
+        Below that, a message carries one event. The Python SDK's watch_* use these.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamOrdersBatches(
+        self,
+        request: _strategy_pb2.StreamOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_strategy_pb2.OrderEventBatch], _abc.AsyncIterator[_strategy_pb2.OrderEventBatch]]: ...
 
 def add_StrategyServiceServicer_to_server(servicer: StrategyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
