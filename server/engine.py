@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
-from typing import Any
 
 from redis.asyncio.client import Pipeline
 
@@ -210,9 +209,9 @@ class ExecutionEngine:
         entry is taken for this process in the same round trip that adds it and takes the
         strategy's lock, then one DB transaction reads the strategy and commits the intent, so
         a stop-loss reaches the broker without waiting for a worker to wake up, then lock,
-        then read, then commit. The entry is
-        pending in the consumer group like any a worker took (reclaimed if we die). Returns
-        True once the event is in the queue, as enqueue_retrying does."""
+        then read, then commit. The entry is pending in the consumer group like any a worker
+        took (reclaimed if we die). Returns True once the event is in the queue, as
+        enqueue_retrying does."""
         if self._closing.is_set() or len(self._exits_here) >= _EXITS_RUN_HERE:
             # A storm of triggers goes to the exits worker, which takes them in batches.
             return await self._queue.enqueue_retrying(event)
@@ -725,14 +724,6 @@ def _settled(order: Order, reply: BrokerOrder, now: datetime) -> Order:
         error=reply.reason,
         updated_at=now,
     )
-
-
-def _drop(future: asyncio.Future[Any] | None) -> None:
-    """Cancels a read no longer wanted; its outcome is marked retrieved."""
-    if future is None:
-        return
-    future.cancel()
-    future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _waits_for_buy(intent: Intent, runtime: Runtime) -> bool:

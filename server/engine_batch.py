@@ -92,7 +92,7 @@ class BatchLane:
         if not items and taken:
             await self._locks.release_all(taken)
         if items:
-            # The read goes out beside the locks' round trip instead of after it: a commit
+            # Unless read_in_commit, the read goes out beside the locks' round trip: a commit
             # that slipped in between (its holder released the lock just before we took it)
             # fails the intent's checks (runtime version, order not yet stored), and that
             # event then goes to the per-event path, which reads again under the lock.

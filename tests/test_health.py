@@ -86,6 +86,8 @@ async def test_reflection_describes_the_api(server: Harness) -> None:
         "StreamRuntime",
         "ListOrders",
         "StreamOrders",
+        "StreamRuntimeBatches",
+        "StreamOrdersBatches",
     }
 
 
