@@ -7,7 +7,8 @@
 //
 // Each stdout line is a RuntimeEvent in proto3 JSON (the shape grpcurl and `algoplane watch`
 // print). The first line is StartStrategy's reply, which has no eventId; the rest come from
-// StreamRuntime. Exit codes: 0 the strategy reached COMPLETED, STOPPED or FAILED; 1 an RPC
+// StreamRuntimeBatches (StreamRuntime's events, those waiting together in one message; each is
+// printed on its own line). Exit codes: 0 the strategy reached COMPLETED, STOPPED or FAILED; 1 an RPC
 // failed (the status code and message go to stderr); 2 bad arguments; 3 --max-events or
 // --timeout was reached first.
 
@@ -173,7 +174,7 @@ function run(options) {
     let printed = 0;
     let finished = false;
     const early = [];
-    const stream = client.StreamRuntime({}, metadata);
+    const stream = client.StreamRuntimeBatches({}, metadata);
     const timer = setTimeout(
       () => finish(3, `${PROG}: no terminal state within ${options.timeoutMs} ms`),
       options.timeoutMs,
@@ -205,9 +206,11 @@ function run(options) {
       }
     }
 
-    stream.on("data", (event) => {
-      if (strategyId === null) early.push(event);
-      else emit(event.eventId, event.runtime);
+    stream.on("data", (batch) => {
+      for (const event of batch.events) {
+        if (strategyId === null) early.push(event);
+        else emit(event.eventId, event.runtime);
+      }
     });
     // Until StartStrategy answers, a stream failure waits: the same cause (a bad token, no
     // server) fails StartStrategy too, and that is the call the user asked for.
@@ -216,8 +219,10 @@ function run(options) {
       if (strategyId === null) streamFailure ??= message;
       else finish(1, message);
     }
-    stream.on("error", (error) => streamFailed(describe("StreamRuntime", error)));
-    stream.on("end", () => streamFailed(`${PROG}: StreamRuntime ended before a terminal state`));
+    stream.on("error", (error) => streamFailed(describe("StreamRuntimeBatches", error)));
+    stream.on("end", () =>
+      streamFailed(`${PROG}: StreamRuntimeBatches ended before a terminal state`),
+    );
 
     const request = { spec: options.spec, requestId: options.requestId };
     client.StartStrategy(request, metadata, { deadline: deadline() }, (error, runtime) => {
