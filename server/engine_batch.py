@@ -171,17 +171,7 @@ class BatchLane:
     def _read(self, items: list[_Item]) -> tuple[list[_Item], list[_Item], list[_Item]]:
         """What the read found: (ready for the broker, finished here: unknown strategy,
         left)."""
-        ready: list[_Item] = []
-        finished: list[_Item] = []
-        left: list[_Item] = []
-        for item in items:
-            verdict = self._judge(item)
-            if verdict is _Verdict.UNKNOWN:
-                _log_unknown(item)
-                finished.append(item)
-            else:
-                (ready if verdict is _Verdict.READY else left).append(item)
-        return ready, finished, left
+        return _by_verdict(items, [self._judge(item) for item in items])
 
     def _judge(self, item: _Item) -> _Verdict:
         """Whether the event is plain, by what the read found; for one that is, its intent
@@ -199,36 +189,28 @@ class BatchLane:
         self, items: list[_Item]
     ) -> tuple[list[_Item], list[_Item], list[_Item]]:
         """_read() and _save_intents() in one DB transaction and one thread hop."""
+        verdicts: list[_Verdict] = []
 
         def decide(found: list[Found]) -> list[tuple[Runtime, list[tuple[Order, int]]] | None]:
-            changes: list[tuple[Runtime, list[tuple[Order, int]]] | None] = []
             for item, (row, existing) in zip(items, found, strict=True):
                 item.found, item.existing = row, existing
-                verdict = self._judge(item)
-                if verdict is _Verdict.READY and item.runtime is not None:
-                    changes.append((item.runtime, [_with_run(item)]))
-                else:
-                    changes.append(None)
-            return changes
+                verdicts.append(self._judge(item))
+            return [
+                _intent_of(item) if verdict is _Verdict.READY else None
+                for item, verdict in zip(items, verdicts, strict=True)
+            ]
 
         pairs = [(item.event.strategy_id, item.event.order_id) for item in items]
         saved = await self._db.read_and_save_intents(pairs, decide)
-        ready: list[_Item] = []
-        finished: list[_Item] = []
-        left: list[_Item] = []
-        for item, ok in zip(items, saved, strict=True):
-            if ok:
-                ready.append(item)
-            elif ok is None and item.found is None:
-                _log_unknown(item)
-                finished.append(item)
-            else:  # not plain, or its write lost a check
-                left.append(item)
-        return ready, finished, left
+        # An intent whose write lost a check goes to the per-event path.
+        lost = [_Verdict.LEFT if ok is False else v for v, ok in zip(verdicts, saved, strict=True)]
+        return _by_verdict(items, lost)
 
     async def _save_intents(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
         """Commits every intent (with its first attempt); (saved, version check lost)."""
-        changes = [(item.runtime, [_with_run(item)]) for item in items]
+        changes: list[tuple[Runtime | None, list[tuple[Order, int]]]] = [
+            _intent_of(item) for item in items
+        ]
         saved = await self._db.save_many(changes, fresh=True)
         return _split(items, saved)
 
@@ -352,8 +334,26 @@ class _Verdict(enum.Enum):
     UNKNOWN = "unknown"  # no such strategy: dropped
 
 
-def _log_unknown(item: _Item) -> None:
-    log.error("event for unknown strategy %s dropped", item.event.strategy_id)
+def _by_verdict(
+    items: list[_Item], verdicts: list[_Verdict]
+) -> tuple[list[_Item], list[_Item], list[_Item]]:
+    """(ready for the broker, finished here: unknown strategy, left for the per-event path)."""
+    ready: list[_Item] = []
+    finished: list[_Item] = []
+    left: list[_Item] = []
+    for item, verdict in zip(items, verdicts, strict=True):
+        if verdict is _Verdict.UNKNOWN:
+            log.error("event for unknown strategy %s dropped", item.event.strategy_id)
+            finished.append(item)
+        else:
+            (ready if verdict is _Verdict.READY else left).append(item)
+    return ready, finished, left
+
+
+def _intent_of(item: _Item) -> tuple[Runtime, list[tuple[Order, int]]]:
+    """The commit of a ready item's intent: its runtime and its order with the run."""
+    assert item.runtime is not None
+    return item.runtime, [_with_run(item)]
 
 
 def _seen(done: asyncio.Future[Any]) -> None:

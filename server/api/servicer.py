@@ -182,7 +182,6 @@ ENCODERS: dict[StreamKind, Callable[[str, Flat], bytes]] = {
     "orders": encode_order_event,
 }
 _SERVICE = "algoplane.v1.StrategyService"
-_PRE_ENCODED = STREAM_METHODS
 # Events in one message of a *Batches stream (a few hundred bytes each).
 BATCH_MAX = 256
 
@@ -202,12 +201,12 @@ class _Capture:
 
 
 def add_to_server(servicer: StrategyServicer, server: grpc.aio.Server) -> None:
-    """The generated registration, except that the two streams send bytes as they are:
+    """The generated registration, except that the streams send bytes as they are:
     each event is encoded once by the tenant's feed, not once per subscriber."""
     capture = _Capture()
     strategy_pb2_grpc.add_StrategyServiceServicer_to_server(servicer, capture)  # type: ignore[arg-type]
     handlers = capture.handlers
-    for name in _PRE_ENCODED:
+    for name in STREAM_METHODS:
         generated = handlers[name]
         handlers[name] = grpc.unary_stream_rpc_method_handler(
             generated.unary_stream,  # type: ignore[arg-type]

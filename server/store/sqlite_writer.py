@@ -18,9 +18,10 @@ hop per batch is what let the engine keep up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
 from typing import Any, TypeVar
@@ -77,9 +78,9 @@ class SqliteWriter:
     ) -> list[bool | None]:
         """find_many() and save_many(fresh=True) in one hop and one transaction: `decide`
         runs on this thread with what was read and names what to write for each pair (None:
-        nothing). Returns, per pair, whether its write went through (None: none asked). A
-        write still carries its own checks, though nothing can commit between the read and
-        it: the read is inside the write transaction."""
+        nothing); it may write only orders of the pairs. Returns, per pair, whether its
+        write went through (None: none asked). The read is inside the write transaction, so
+        the fresh check is the read's own (no second lookup); the version check stays."""
         return await self._call(partial(self._read_and_save, pairs, decide))
 
     async def insert(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
@@ -156,6 +157,20 @@ class SqliteWriter:
             self._conn = conn
         return self._conn
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE .. COMMIT on the thread's connection; ROLLBACK on any error. A
+        write whose checks failed wrote nothing, so its transaction commits nothing."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     def _save(
         self,
         strategy_id: str,
@@ -164,16 +179,8 @@ class SqliteWriter:
         orders: list[dict[str, Any]],
         inserts: list[tuple[str, dict[str, Any]]],
     ) -> bool:
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            saved = self._write(conn, strategy_id, previous, runtime, orders, inserts)
-            conn.execute("COMMIT" if saved else "ROLLBACK")
-            return saved
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        with self._transaction() as conn:
+            return self._write(conn, strategy_id, previous, runtime, orders, inserts)
 
     def _write(
         self,
@@ -202,42 +209,44 @@ class SqliteWriter:
         return True
 
     def _save_many(self, items: list[_SaveItem], fresh: bool) -> list[bool]:
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            saved = [self._write(conn, *item, [], fresh) for item in items]
-            conn.execute("COMMIT")
-            return saved
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        with self._transaction() as conn:
+            return [self._write(conn, *item, [], fresh) for item in items]
 
     def _read_and_save(
         self, pairs: list[tuple[str, str]], decide: Callable[[list[_Found]], list[_SaveItem | None]]
     ) -> list[bool | None]:
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            items = decide(self._find_many(pairs, conn))
-            saved = [None if item is None else self._write(conn, *item, [], True) for item in items]
-            conn.execute("COMMIT")
+        with self._transaction() as conn:
+            found, stored = self._read_pairs(conn, pairs)
+            items = decide(found)
+            read = {oid for _, oid in pairs}
+            saved: list[bool | None] = []
+            for item in items:
+                if item is None:
+                    saved.append(None)
+                    continue
+                ids = {values["id"] for values in item[3]}
+                if not ids <= read:
+                    raise ValueError(f"read_and_save: orders {sorted(ids - read)} were not read")
+                if ids & stored:  # the fresh check, from the read: nothing commits between
+                    saved.append(False)
+                else:
+                    saved.append(self._write(conn, *item, []))
             return saved
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
-    def _find_many(
-        self, pairs: list[tuple[str, str]], conn: sqlite3.Connection | None = None
-    ) -> list[_Found]:
-        conn = conn or self._connection()
+    def _find_many(self, pairs: list[tuple[str, str]]) -> list[_Found]:
+        return self._read_pairs(self._connection(), pairs)[0]
+
+    def _read_pairs(
+        self, conn: sqlite3.Connection, pairs: list[tuple[str, str]]
+    ) -> tuple[list[_Found], set[str]]:
+        """What find_many() returns, and the ids of the pairs' orders that are stored."""
         strategies = self._rows_by_id(conn, self._strategies, [sid for sid, _ in pairs])
         orders = self._rows_by_id(conn, self._orders, [oid for _, oid in pairs])
-        return [
+        found: list[_Found] = [
             (strategies[sid], orders.get(oid)) if sid in strategies else (None, None)
             for sid, oid in pairs
         ]
+        return found, set(orders)
 
     @staticmethod
     def _rows_by_id(
@@ -252,16 +261,9 @@ class SqliteWriter:
         return rows
 
     def _insert(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             for table, values in rows:
                 conn.execute(_insert_sql(table, tuple(values)), values)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def _fetch_one(self, table: str, where: dict[str, Any]) -> dict[str, Any] | None:
         condition = " AND ".join(f'"{c}" = :{c}' for c in where)
