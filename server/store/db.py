@@ -379,9 +379,10 @@ class Database:
     ) -> list[bool | None]:
         """find_many(), then save_many(fresh=True) of what `decide` makes of it (None for a
         pair: nothing to write; an order written must be its pair's); per pair, whether its
-        write went through (None: none asked). On SQLite both run in one transaction and one thread hop, and `decide` runs
-        on that thread: it must not touch the event loop. A stop-loss exit pays one hop
-        between taking its lock and calling the broker, not a read and then a commit."""
+        write went through (None: none asked). On SQLite both run in one transaction and one
+        thread hop, and `decide` runs on that thread: it must not touch the event loop. A
+        stop-loss exit pays one hop between taking its lock and calling the broker, not a
+        read and then a commit."""
         if self._hot_writer is None:
             changes = decide(await self.find_many(pairs))
             asked: list[tuple[Runtime | None, list[tuple[Order, int]]]] = [
