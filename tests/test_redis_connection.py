@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from server.store import connection
-from server.store.connection import execute
+from server.store.connection import execute, queue_script
 from server.store.state import connect
 from tests.support import RedisProcess
 
@@ -31,14 +31,14 @@ async def test_a_pipeline_after_script_flush_runs_each_command_once(client: Redi
     add = client.register_script(ADD)
     await client.script_flush()  # what a Redis restart does to the scripts
     async with client.pipeline(transaction=False) as pipe:
-        await add(keys=["total"], args=[2], client=pipe)
+        queue_script(pipe, add, ["total"], [2])
         pipe.incr("plain")
-        await add(keys=["total"], args=[3], client=pipe)
+        await add(keys=["total"], args=[3], client=pipe)  # redis-py's own way, beside it
         assert await execute(pipe) == [2, 1, 5]
     assert (await client.get("total"), await client.get("plain")) == ("5", "1")
 
     async with client.pipeline(transaction=False) as pipe:  # loaded now: one trip
-        await add(keys=["total"], args=[1], client=pipe)
+        queue_script(pipe, add, ["total"], [1])
         pipe.hset("plain", "f", "v")  # WRONGTYPE: the others still run
         with pytest.raises(ResponseError, match="WRONGTYPE"):
             await execute(pipe)

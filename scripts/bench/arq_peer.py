@@ -47,9 +47,10 @@ class WorkerSettings:
     on_startup = startup
     on_shutdown = shutdown
     redis_settings = RedisSettings.from_dsn(os.environ.get("ARQ_REDIS_URL", "redis://"))
-    # The engine's concurrency, and a poll delay well under arq's 0.5 s default, so that the
-    # peer is measured at its most responsive rather than at its defaults.
-    max_jobs = 32
+    # The engine's concurrency (ARQ_MAX_JOBS, set by the benchmark from the server's
+    # default), and a poll delay well under arq's 0.5 s default, so that the peer is measured
+    # at its most responsive rather than at its defaults.
+    max_jobs = int(os.environ.get("ARQ_MAX_JOBS", "256"))
     poll_delay = 0.05
     keep_result = 0
 

@@ -28,7 +28,7 @@ from server.brokers.base import (
 )
 from server.domain import format_decimal
 from server.store import keys, scripts
-from server.store.connection import execute
+from server.store.connection import execute, queue_script
 
 
 @dataclass(slots=True)
@@ -138,7 +138,7 @@ class PaperBroker:
                 order = self._fill(p.client_order_id, p.symbol, prices[p.symbol])
                 stored = _encode(order, p.symbol, p.side, p.quantity, p.entered_ns)
                 args = [p.client_order_id, stored]
-                await self._place(keys=[keys.PAPER_ORDERS, keys.PAPER_LOG], args=args, client=pipe)
+                queue_script(pipe, self._place, [keys.PAPER_ORDERS, keys.PAPER_LOG], args)
             return list(await execute(pipe))
 
 

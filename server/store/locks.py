@@ -21,7 +21,7 @@ from redis.commands.core import AsyncScript
 from server.cancellation import cancel_requested
 from server.errors import Unavailable
 from server.store import keys, scripts
-from server.store.connection import execute
+from server.store.connection import execute, queue_script
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class StrategyLocks:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for strategy_id, token in tokens.items():
-                await script(keys=[keys.lock_state(strategy_id)], args=[token, *extra], client=pipe)
+                queue_script(pipe, script, [keys.lock_state(strategy_id)], [token, *extra])
             return list(await execute(pipe))
 
     @contextlib.asynccontextmanager

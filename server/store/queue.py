@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 from server.domain import Intent
 from server.store import keys, scripts
-from server.store.connection import execute
+from server.store.connection import execute, queue_script
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class OrderQueue:
         async with self._redis.pipeline(transaction=False) as pipe:
             if alongside is not None:
                 alongside(pipe)
-            await self._enqueue(*_script_args(event, self.consumer), client=pipe)
+            queue_script(pipe, self._enqueue, *_script_args(event, self.consumer))
             *beside, reply = await execute(pipe)
         return _taken(reply), beside
 
@@ -152,7 +152,7 @@ class OrderQueue:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for n in todo:
-                        await self._enqueue(*_script_args(events[n]), client=pipe)
+                        queue_script(pipe, self._enqueue, *_script_args(events[n]))
                     replies = await execute(pipe, raise_on_error=False)
             except Exception as exc:  # noqa: BLE001 - Redis away: retry, the script dedupes
                 log.warning("enqueue of %d events failed (%s); retrying", len(todo), exc)

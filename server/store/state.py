@@ -20,7 +20,7 @@ from server.store.codec import (
     runtime_to_flat,
     strategy_config,
 )
-from server.store.connection import execute, faster
+from server.store.connection import execute, faster, queue_script
 from server.store.keys import StreamKind
 
 StreamId = tuple[int, int]
@@ -109,7 +109,7 @@ class RedisState:
             for kind, tenant, fields in events_before:
                 self._append(pipe, kind, tenant, fields)
             for runtime, flat, strategy in zip(runtimes, flats, configs, strict=True):
-                await self._apply(*_apply_args(runtime, flat, strategy), client=pipe)
+                queue_script(pipe, self._apply, *_apply_args(runtime, flat, strategy))
             replies = await execute(pipe)
         written = replies[len(events_before) :]
         return [flat if new else None for flat, new in zip(flats, written, strict=True)]

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from server.domain import format_decimal
 from server.store import keys, scripts
-from server.store.connection import execute
+from server.store.connection import execute, queue_script
 
 
 def padded(value: Decimal) -> str:
@@ -75,7 +75,7 @@ class StopLossIndex:
                 entry = member(a.strategy_id, a.stop_loss)
                 owner = f"{a.run} {a.tenant}"
                 args = ["", "", entry, repr(float(a.stop_loss)), a.strategy_id, owner]
-                await self._trigger(keys=_keys(a.symbol), args=args, client=pipe)
+                queue_script(pipe, self._trigger, _keys(a.symbol), args)
             replies = await execute(pipe)
         return [(a.symbol, _fired(reply)) for a, reply in zip(armed, replies, strict=True) if reply]
 
