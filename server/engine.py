@@ -258,10 +258,7 @@ class ExecutionEngine:
 
     async def _run_taken(self, delivery: Delivery, tokens: dict[str, str]) -> None:
         try:
-            # The read waits for the lock: beside the round trip it cost that round trip
-            # about 0.35 ms of the loop (the DB thread holds the GIL while it converts rows),
-            # more than reading in the intent's transaction costs the commit.
-            careful = await self._lane.run([delivery], taken=tokens, read_in_commit=True)
+            careful = await self._lane.run([delivery], taken=tokens)
         except Exception as exc:  # noqa: BLE001 - Redis away before it began: the slow path
             log.warning("exit %s failed (%s); running it alone", delivery.entry_id, exc)
             careful = [delivery]

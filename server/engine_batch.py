@@ -3,10 +3,12 @@
 Under a burst (10,000 BUYs due at one instant) the per-event path cost about 1.8 ms of the
 event loop per order: a dozen separate Redis round trips, three DB hops and the tasks around
 them, each paying redis-py's and asyncio's per-call overhead. Here the events a worker takes
-together share every step: one round trip takes their locks while one DB hop reads their
-strategies and orders, one commits their intents, one pipeline publishes them; then the
-broker calls go side by side (one per order: a broker's API is per order), and one DB hop,
-two pipelines and one acknowledgement finish them all.
+together share every step: one round trip takes their locks, then one DB hop reads their
+strategies and orders and commits their intents in one transaction (the checks, which are
+pure, run on the DB's thread: reading beside the locks' round trip and committing after it
+cost the loop more), and one pipeline publishes them; then the broker calls go side by side
+(one per order: a broker's API is per order), and one DB hop, two pipelines and one
+acknowledgement finish them all.
 
 Only the plain case runs here: the first delivery of an event whose strategy is free, known
 and ready for it, with no order in the log yet. Everything else (a lock held elsewhere, a
@@ -23,7 +25,7 @@ import contextlib
 import enum
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from server.brokers.base import BrokerOrder, Side
 from server.cancellation import cancel_requested
@@ -47,8 +49,8 @@ class _Item:
 
     delivery: Delivery
     event: OrderEvent
-    # What the DB held (read beside the lock): the strategy and its runtime, and the
-    # event's order.
+    # What the DB held (read in the intents' transaction): the strategy and its runtime, and
+    # the event's order.
     found: tuple[Strategy, Runtime] | None = None
     existing: Order | None = None
     strategy: Strategy | None = None
@@ -76,44 +78,20 @@ class BatchLane:
         self._touch_interval_s = touch_interval_s
 
     async def run(
-        self,
-        deliveries: list[Delivery],
-        *,
-        taken: dict[str, str] | None = None,
-        read_in_commit: bool = False,
+        self, deliveries: list[Delivery], *, taken: dict[str, str] | None = None
     ) -> list[Delivery]:
         """Runs the plain events to their end and acknowledges them (and malformed entries);
         returns the rest, not acknowledged, for the per-event path. `taken`: locks of these
-        events the caller holds already (released here). `read_in_commit`: the DB read waits
-        for the locks and goes in the intents' transaction (one thread hop after the locks,
-        for a caller that took them already), instead of beside the locks' round trip and
-        then a commit (two hops, the first hidden behind the round trip)."""
+        events the caller holds already (released here)."""
         items, careful, done = _sort(deliveries)
         if not items and taken:
             await self._locks.release_all(taken)
         if items:
-            # Unless read_in_commit, the read goes out beside the locks' round trip: a commit
-            # that slipped in between (its holder released the lock just before we took it)
-            # fails the intent's checks (runtime version, order not yet stored), and that
-            # event then goes to the per-event path, which reads again under the lock.
-            pairs = [(item.event.strategy_id, item.event.order_id) for item in items]
-            reading = None if read_in_commit else asyncio.ensure_future(self._db.find_many(pairs))
-            ids = [p[0] for p in pairs]
-            try:
-                async with self._locks.held_where_free(ids, taken) as tokens:
-                    if reading is not None:
-                        found = await reading
-                        for item, (row, existing) in zip(items, found, strict=True):
-                            item.found, item.existing = row, existing
-                    careful += [i.delivery for i in items if i.event.strategy_id not in tokens]
-                    mine = [i for i in items if i.event.strategy_id in tokens]
-                    finished, left = await self._run_locked(mine, read_in_commit)
-            finally:
-                if reading is not None:
-                    # Not awaited here: a cancel of this task must not be swallowed. Its
-                    # error, if any, reached the caller through `await reading` already.
-                    reading.cancel()
-                    reading.add_done_callback(_seen)
+            ids = [item.event.strategy_id for item in items]
+            async with self._locks.held_where_free(ids, taken) as tokens:
+                careful += [i.delivery for i in items if i.event.strategy_id not in tokens]
+                mine = [i for i in items if i.event.strategy_id in tokens]
+                finished, left = await self._run_locked(mine)
             careful += [item.delivery for item in left]
             done += [item.delivery for item in finished]
         try:
@@ -122,15 +100,13 @@ class BatchLane:
             log.warning("could not acknowledge %d events: %s", len(done), exc)
         return careful
 
-    async def _run_locked(
-        self, items: list[_Item], read_in_commit: bool
-    ) -> tuple[list[_Item], list[_Item]]:
+    async def _run_locked(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
         """(finished, left for the per-event path)."""
         if not items:
             return [], []
         toucher = asyncio.create_task(self._touch([item.delivery for item in items]))
         try:
-            return await self._execute(items, read_in_commit)
+            return await self._execute(items)
         except Exception as exc:  # noqa: BLE001 - the per-event path resumes from the DB
             log.warning("a batch of %d events failed (%s); running each alone", len(items), exc)
             return [], items
@@ -145,15 +121,8 @@ class BatchLane:
             with contextlib.suppress(Exception):
                 await self._queue.touch_all(deliveries)
 
-    async def _execute(
-        self, items: list[_Item], read_in_commit: bool
-    ) -> tuple[list[_Item], list[_Item]]:
-        if read_in_commit:
-            ready, finished, left = await self._read_and_save_intents(items)
-        else:
-            ready, finished, left = self._read(items)
-            ready, lost = await self._save_intents(ready)
-            left += lost
+    async def _execute(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
+        ready, finished, left = await self._read_and_save_intents(items)
         placed, unplaced, failed = await self._place_all(ready)
         left += failed
         settled, lost = await self._save_settled(placed)
@@ -167,11 +136,6 @@ class BatchLane:
                 log.warning("recording %s failed (%s)", item.event.order_id, exc)
                 left.append(item)
         return finished, left
-
-    def _read(self, items: list[_Item]) -> tuple[list[_Item], list[_Item], list[_Item]]:
-        """What the read found: (ready for the broker, finished here: unknown strategy,
-        left)."""
-        return _by_verdict(items, [self._judge(item) for item in items])
 
     def _judge(self, item: _Item) -> _Verdict:
         """Whether the event is plain, by what the read found; for one that is, its intent
@@ -205,14 +169,6 @@ class BatchLane:
         # An intent whose write lost a check goes to the per-event path.
         lost = [_Verdict.LEFT if ok is False else v for v, ok in zip(verdicts, saved, strict=True)]
         return _by_verdict(items, lost)
-
-    async def _save_intents(self, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
-        """Commits every intent (with its first attempt); (saved, version check lost)."""
-        changes: list[tuple[Runtime | None, list[tuple[Order, int]]]] = [
-            _intent_of(item) for item in items
-        ]
-        saved = await self._db.save_many(changes, fresh=True)
-        return _split(items, saved)
 
     async def _place_all(
         self, items: list[_Item]
@@ -354,12 +310,6 @@ def _intent_of(item: _Item) -> tuple[Runtime, list[tuple[Order, int]]]:
     """The commit of a ready item's intent: its runtime and its order with the run."""
     assert item.runtime is not None
     return item.runtime, [_with_run(item)]
-
-
-def _seen(done: asyncio.Future[Any]) -> None:
-    """Marks a finished future's outcome as retrieved (asyncio logs unretrieved errors)."""
-    if not done.cancelled():
-        done.exception()
 
 
 def _pass_on(done: asyncio.Future[None], to: asyncio.Future[None]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -20,11 +21,11 @@ from server.domain import (
     OrderKind,
     OrderStatus,
     Runtime,
-    Strategy,
     client_order_id,
 )
 from server.store import keys
 from server.store.codec import to_micros
+from server.store.db import Found
 from server.store.queue import OrderEvent
 from server.store.state import RedisState
 from tests.conftest import Harness
@@ -393,16 +394,17 @@ async def test_paper_caller_that_gives_up_does_not_break_the_others(state: Redis
     assert again.status is BrokerOrderStatus.FILLED
 
 
-# --- a read that went stale before the lock was taken -----------------------------------------
+# --- a commit that lands between the lock and the lane's transaction ---------------------------
 
 
-async def test_a_commit_between_the_lanes_read_and_its_lock_is_not_overwritten(
+async def test_a_commit_just_before_the_lanes_transaction_is_not_overwritten(
     redis_proc: RedisProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The lane reads the DB beside taking the locks. A holder that released the lock just
-    before the lane took it may have committed after the read: here it recorded the BUY as
-    skipped (an order row, the runtime unchanged). The lane's intent must not replace that
-    row and place the order; the event goes to the per-event path, which reads again."""
+    """A holder that released the lock just before the lane took it may commit after the
+    lane has its lock and before its DB hop: here it recorded the BUY as skipped (an order
+    row, the runtime unchanged). The lane decides from what its own transaction reads, so its
+    intent must not replace that row and place the order; the event goes to the per-event
+    path, which reads again."""
     symbol = "STALE"
     async with pipeline(redis_proc, tmp_path) as h:
         await h.redis.set(keys.price(symbol), "120")
@@ -413,15 +415,15 @@ async def test_a_commit_between_the_lanes_read_and_its_lock_is_not_overwritten(
         )
         db = h.app._db
         assert db is not None
-        read = db.find_many
+        read_and_save = db.read_and_save_intents
         slipped_in: list[str] = []
 
-        async def read_then_another_holder_commits(
+        async def another_holder_commits_first(
             pairs: list[tuple[str, str]],
-        ) -> list[tuple[tuple[Strategy, Runtime] | None, Order | None]]:
-            found = await read(pairs)
+            decide: Callable[[list[Found]], list[tuple[Runtime, list[tuple[Order, int]]] | None]],
+        ) -> list[bool | None]:
             if not slipped_in:
-                row, _ = found[0]
+                row, _ = (await db.find_many(pairs))[0]
                 assert row is not None
                 strategy = row[0]
                 skipped = Order(
@@ -439,9 +441,9 @@ async def test_a_commit_between_the_lanes_read_and_its_lock_is_not_overwritten(
                 )
                 assert await db.save(None, [(skipped, 1)])
                 slipped_in.append(buy.order_id)
-            return found
+            return await read_and_save(pairs, decide)
 
-        monkeypatch.setattr(db, "find_many", read_then_another_holder_commits)
+        monkeypatch.setattr(db, "read_and_save_intents", another_holder_commits_first)
         await h.redis.xadd(keys.ORDER_QUEUE, dict(buy.fields().items()))
         await eventually(lambda: queues_drained(h), timeout_s=5)
         assert slipped_in == [buy.order_id]
