@@ -77,6 +77,31 @@ async def test_pipelines_sent_together_each_get_their_own_replies(client: Redis)
     assert passing == [16, 0, {"k": "8"}]
 
 
+async def test_replies_read_straight_from_the_connection_match_redis_pys(client: Redis) -> None:
+    """XADD, SADD, SREM and EVALSHA replies skip redis-py's parse layers: each reply, error
+    replies included, still lands in its own place, with the values redis-py would give."""
+    await client.delete("events", "members", "wrong", "total")
+    await client.set("wrong", "x")
+    add = client.register_script(ADD)
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.xadd("events", {"a": "1"})
+        pipe.sadd("members", "m1", "m2")
+        pipe.sadd("wrong", "m")  # WRONGTYPE
+        queue_script(pipe, add, ["total"], [4])
+        queue_script(pipe, add, ["wrong"], [1])  # an error raised inside the script
+        pipe.srem("members", "m1")
+        pipe.hgetall("events:none")  # a reply with a callback: the full path
+        replies = await execute(pipe, raise_on_error=False)
+    event_id, added, wrong, total, script_error, removed, empty = replies
+    assert isinstance(event_id, str) and event_id.count("-") == 1
+    assert (added, total, removed, empty) == (2, 4, 1, {})
+    assert isinstance(wrong, ResponseError) and "WRONGTYPE" in str(wrong)
+    assert isinstance(script_error, ResponseError)
+    assert [e[0] for e in await client.xrange("events") or []] == [event_id]
+    assert await client.smembers("members") == {"m2"}
+    assert await client.get("total") == "4"
+
+
 async def test_a_connection_killed_under_shared_pipelines_fails_them_all_and_heals(
     client: Redis, redis_proc: RedisProcess
 ) -> None:
