@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from scripts.bench.harness import (
     broker_entries,
     closed_loop,
     machine,
+    percentile,
     print_report,
     redis_server,
     server_process,
@@ -108,6 +110,15 @@ async def _ours(redis_url: str, redis: Redis, count: int) -> tuple[list[float], 
     return lateness, rate, count - len(buys)
 
 
+def _p99_counting_unplaced(lateness: list[float], missing: int) -> float:
+    """p99 over every BUY that was due, one never placed counting as later than any placed
+    (infinite): a run that dropped its latest BUYs does not get a better p99 for it."""
+    everything = lateness + [math.inf] * missing
+    if math.ceil((len(everything) - 1) * 0.99) >= len(lateness):
+        return math.inf
+    return percentile(everything, 99)  # both ranks it reads are placed BUYs
+
+
 async def _peer(redis_url: str, redis: Redis, count: int) -> list[float]:
     python = _arq_python()
     env = {
@@ -178,15 +189,17 @@ async def run(*, quick: bool = False, count: int = 10_000, runs: int = 3) -> Rep
         peer_p50s.append(theirs.p50)
         peer_p99s.append(theirs.p99)
         peer_lasts.append(theirs.max)
-        ratios.append(theirs.p99 / ours.p99)
+        ratios.append(theirs.p99 / _p99_counting_unplaced(lateness, missing))
     report.add_runs("first BUY late by", firsts, "ms", target=at_most(20))
     report.add_runs("last BUY late by (all placed = drain time)", lasts, "ms", target=at_most(5000))
-    report.add_runs("BUY lateness p50", p50s, "ms")
-    report.add_runs("BUY lateness p99", p99s, "ms")
+    report.add_runs("BUY lateness p50 (placed BUYs)", p50s, "ms")
+    report.add_runs("BUY lateness p99 (placed BUYs)", p99s, "ms")
     report.add_runs("arq: lateness p50", peer_p50s, "ms")
     report.add_runs("arq: lateness p99", peer_p99s, "ms")
     report.add_runs("arq: last job late by", peer_lasts, "ms")
-    report.add_runs("arq p99 / ours p99", ratios, "x", target=at_least(2))
+    report.add_runs(
+        "arq p99 / ours p99 (a BUY not placed counts as latest)", ratios, "x", target=at_least(2)
+    )
     report.add_runs("StartStrategy rate while setting up", start_rates, "calls/s")
     report.add("BUYs not placed (all runs)", missing_total, "", target=at_most(0))
     report.note(
