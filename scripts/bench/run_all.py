@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from scripts.bench import harness
 from scripts.bench.harness import Report
 
@@ -51,6 +53,9 @@ class Outcome:
     detail: str = ""
     # The 1-minute load average when it ended: shows whether the machine was quiet.
     load_after: float | None = None
+    # CPU the hypervisor gave to other guests while it ran, in cores (steal time): on a
+    # shared 2-core VM it went from 0 to half a core between two runs of the same code.
+    stolen: float | None = None
 
     @property
     def result(self) -> str:
@@ -82,15 +87,22 @@ def run_one(number: str, name: str, quick: bool) -> Outcome:
         json_path = Path(tmp) / "report.json"
         command = [sys.executable, "-m", "scripts.bench.run_all", "--child", name]
         command += ["--json", str(json_path)] + (["--quick"] if quick else [])
-        began = time.perf_counter()
+        began, steal = time.perf_counter(), _steal_seconds()
         code = subprocess.run(command, cwd=harness.ROOT, check=False).returncode
         seconds = time.perf_counter() - began
+        stolen = (_steal_seconds() - steal) / seconds if seconds > 0 else None
         if code != 0 or not json_path.exists():
             print(f"-- benchmark {number} ({name}) failed with exit code {code}", flush=True)
             detail = f"exit code {code}"
             return Outcome(number, name, "failed", seconds, detail=detail, load_after=None)
         report = Report.from_json(json_path.read_text())
-    return Outcome(number, name, "ran", seconds, report, load_after=os.getloadavg()[0])
+    load = os.getloadavg()[0]
+    return Outcome(number, name, "ran", seconds, report, load_after=load, stolen=stolen)
+
+
+def _steal_seconds() -> float:
+    """CPU seconds the hypervisor has stolen from this machine since boot (0 on bare metal)."""
+    return float(getattr(psutil.cpu_times(), "steal", 0.0))
 
 
 def render(outcomes: Sequence[Outcome], machine: harness.Machine, command: str, quick: bool) -> str:
@@ -108,12 +120,19 @@ def render(outcomes: Sequence[Outcome], machine: harness.Machine, command: str, 
         lines += ["**Quick (smoke) sizes: these are not the reference figures.**", ""]
     lines += [f"Command: `{command}`", ""]
     lines += [f"- {line}" for line in machine.lines()]
-    lines += ["", "## Summary", "", "| # | benchmark | result | took | load after |"]
-    lines.append("|---|---|---|---|---|")
+    lines += ["", "## Summary", ""]
+    lines.append("| # | benchmark | result | took | load after | CPU stolen (cores) |")
+    lines.append("|---|---|---|---|---|---|")
     for o in outcomes:
         took = f"{o.seconds:.0f} s" if o.seconds else ""
         load = f"{o.load_after:.2f}" if o.load_after is not None else ""
-        lines.append(f"| {o.number} | `{o.name}` | {o.result} | {took} | {load} |")
+        stolen = f"{o.stolen:.2f}" if o.stolen is not None else ""
+        lines.append(f"| {o.number} | `{o.name}` | {o.result} | {took} | {load} | {stolen} |")
+    lines += [
+        "",
+        "CPU stolen: the machine's steal time over the benchmark's wall time, the CPU its "
+        "hypervisor gave to other guests; on a 2-core machine 0.5 is a quarter of it.",
+    ]
     for o in outcomes:
         lines.append("")
         if o.report is not None:

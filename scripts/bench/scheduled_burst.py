@@ -183,7 +183,9 @@ async def run(*, quick: bool = False, count: int = 10_000, runs: int = 3) -> Rep
         start_rates.append(rate)
         ours, theirs = summarize(lateness), summarize(peer)
         firsts.append(min(lateness))
-        lasts.append(ours.max)
+        # All placed within 5 s is the target: a run that did not place them all has no
+        # drain time, whatever its latest placed BUY was.
+        lasts.append(ours.max if missing == 0 else math.inf)
         p50s.append(ours.p50)
         p99s.append(ours.p99)
         peer_p50s.append(theirs.p50)
@@ -191,7 +193,12 @@ async def run(*, quick: bool = False, count: int = 10_000, runs: int = 3) -> Rep
         peer_lasts.append(theirs.max)
         ratios.append(theirs.p99 / _p99_counting_unplaced(lateness, missing))
     report.add_runs("first BUY late by", firsts, "ms", target=at_most(20))
-    report.add_runs("last BUY late by (all placed = drain time)", lasts, "ms", target=at_most(5000))
+    report.add_runs(
+        "last BUY late by (all placed = drain time; inf: not all placed)",
+        lasts,
+        "ms",
+        target=at_most(5000),
+    )
     report.add_runs("BUY lateness p50 (placed BUYs)", p50s, "ms")
     report.add_runs("BUY lateness p99 (placed BUYs)", p99s, "ms")
     report.add_runs("arq: lateness p50", peer_p50s, "ms")
