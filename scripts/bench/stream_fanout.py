@@ -230,11 +230,11 @@ async def _round(
     }
 
 
+BATCHES = "StreamRuntimeBatches"
 # Events/s tried, in order, for the saturation point (x 10 dashboards = deliveries/s). A
 # round's rate is its deliveries over its publishing time, which ends a little after the
 # last event, so a step reads just under its nominal rate (2,000 reads 19,980): 2,250 is
 # there so that a server holding more than 20,000 can show it.
-BATCHES = "StreamRuntimeBatches"
 SATURATION_STEPS = (1000, 1250, 1500, 1750, 2000, 2250, 2500, 3000, 3500, 4000, 5000)
 
 
