@@ -6,8 +6,10 @@ for all of them to be in place; each BUY's lateness is the paper broker's entry 
 buy_time (same machine, same wall clock). Then, on the same redis-server (flushed), the peer
 a user would otherwise pick: arq jobs deferred to the same instant (`_defer_until`) whose
 function makes the same PaperBroker call, run by an arq worker with the engine's concurrency.
+`--replicas N` runs N server processes on the same Redis and SQLite file instead of one
+(run_all measures one).
 
-    .venv/bin/python -m scripts.bench.scheduled_burst [--count 10000] [--runs 3]
+    .venv/bin/python -m scripts.bench.scheduled_burst [--count 10000] [--runs 3] [--replicas 1]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -90,12 +93,25 @@ async def _start_all(server: ServerProcess, count: int, buy: datetime) -> float:
     return result.rate
 
 
-async def _ours(redis_url: str, redis: Redis, count: int) -> tuple[list[float], float, int]:
-    """Lateness (ms) of every BUY at the broker, the start rate, and BUYs not placed."""
-    async with server_process(redis_url, env={"ALGOPLANE_TIMER_SYNC_S": "5"}) as server:
+async def _ours(
+    redis_url: str, redis: Redis, count: int, replicas: int = 1
+) -> tuple[list[float], float, int]:
+    """Lateness (ms) of every BUY at the broker, the start rate, and BUYs not placed.
+    With `replicas` > 1, that many server processes share the Redis and the SQLite file, as
+    replicas do (every one keeps every timer; their engines share the consumer group); the
+    strategies are started through the first and reach the others by their timer sync."""
+    env = {"ALGOPLANE_TIMER_SYNC_S": "5"}
+    async with contextlib.AsyncExitStack() as stack:
+        shared = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="algoplane-burst-")))
+        servers = [
+            await stack.enter_async_context(server_process(redis_url, env=env, data_dir=shared))
+            for _ in range(replicas)
+        ]
+        server = servers[0]
         await redis.set(keys.price(SYMBOL), "100")
-        # Enough time for every start at >= 150/s, plus a margin for the timers to settle.
-        buy = datetime.now(UTC) + timedelta(seconds=count / 150 + 5)
+        # Enough time for every start at >= 150/s, plus a margin for the timers to settle
+        # (and, with replicas, for their timer sync to load the strategies).
+        buy = datetime.now(UTC) + timedelta(seconds=count / 150 + 5 + 3 * (replicas > 1))
         rate = await _start_all(server, count, buy)
         if datetime.now(UTC) >= buy - timedelta(seconds=1):
             raise RuntimeError("starting the strategies took past buy_time; lower --count")
@@ -160,13 +176,16 @@ async def _peer(redis_url: str, redis: Redis, count: int) -> list[float]:
     return [(ns - due_ns) / 1e6 for order_id, ns in entries.items() if order_id.startswith("peer")]
 
 
-async def run(*, quick: bool = False, count: int = 10_000, runs: int = 3) -> Report:
+async def run(
+    *, quick: bool = False, count: int = 10_000, runs: int = 3, replicas: int = 1
+) -> Report:
     if quick:
         count, runs = 500, 1
+    on = f", {replicas} server replicas" if replicas > 1 else ""
     report = Report(
         "scheduled_burst",
-        f"Scheduled burst: {count:,} BUYs due at one instant, vs arq",
-        params={"count": count, "runs": runs},
+        f"Scheduled burst: {count:,} BUYs due at one instant{on}, vs arq",
+        params={"count": count, "runs": runs, "replicas": replicas},
     )
     firsts, lasts, p50s, p99s, peer_p50s, peer_p99s, peer_lasts = ([] for _ in range(7))
     ratios, missing_total, start_rates = [], 0, []
@@ -174,7 +193,7 @@ async def run(*, quick: bool = False, count: int = 10_000, runs: int = 3) -> Rep
         async with redis_server() as redis_proc:
             redis = redis_proc.client()
             try:
-                lateness, rate, missing = await _ours(redis_proc.url, redis, count)
+                lateness, rate, missing = await _ours(redis_proc.url, redis, count, replicas)
                 await redis.flushall()
                 peer = await _peer(redis_proc.url, redis, count)
             finally:
@@ -225,9 +244,18 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="server processes sharing the Redis and the SQLite file (default 1)",
+    )
     args = parser.parse_args()
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
     print("\n".join(machine().lines()))
-    print_report(asyncio.run(run(quick=args.quick, count=args.count, runs=args.runs)))
+    report = run(quick=args.quick, count=args.count, runs=args.runs, replicas=args.replicas)
+    print_report(asyncio.run(report))
 
 
 if __name__ == "__main__":
