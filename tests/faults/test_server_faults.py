@@ -521,10 +521,15 @@ async def test_two_servers_one_killed_mid_burst_of_500_buys(
         sids = set(await asyncio.gather(*(start(n) for n in range(count))))
         assert len(sids) == count
 
-        async def burst_under_way() -> bool:
-            return int(await redis.llen(keys.PAPER_LOG)) >= count // 5
+        async def victim_holds_events() -> bool:
+            # Killed between two of its batches (every event acked), the victim would leave
+            # nothing to take over: wait for the burst to be under way with events in its hand.
+            if int(await redis.llen(keys.PAPER_LOG)) < count // 5:
+                return False
+            consumers = await redis.xinfo_consumers(keys.ORDER_QUEUE, keys.ENGINE_GROUP)
+            return any(int(c["pending"]) > 0 for c in consumers if f"-{victim.pid}-" in c["name"])
 
-        await until("the burst started", burst_under_way, 10, every_s=0.01)
+        await until("the victim holds events mid-burst", victim_holds_events, 10, every_s=0.005)
         await victim.kill9()
         placed_at_kill = int(await redis.llen(keys.PAPER_LOG))
         assert placed_at_kill < count, "the burst ended before the kill"
