@@ -641,12 +641,18 @@ class ProcessMeter:
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between the closest ranks (numpy's default)."""
+    """The q-th percentile (0..100), linear between the closest ranks (numpy's default).
+    Infinite samples (something that never happened, counted as later than anything that
+    did) give infinity wherever the percentile reaches one, never NaN."""
     if not samples:
         return math.nan
     ordered = sorted(samples)
     rank = (len(ordered) - 1) * q / 100
     low, high = math.floor(rank), math.ceil(rank)
+    if rank == low:
+        return ordered[low]
+    if math.isinf(ordered[high]):
+        return ordered[high]
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 

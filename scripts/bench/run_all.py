@@ -94,7 +94,7 @@ def run_one(number: str, name: str, quick: bool) -> Outcome:
         if code != 0 or not json_path.exists():
             print(f"-- benchmark {number} ({name}) failed with exit code {code}", flush=True)
             detail = f"exit code {code}"
-            return Outcome(number, name, "failed", seconds, detail=detail, load_after=None)
+            return Outcome(number, name, "failed", seconds, detail=detail, stolen=stolen)
         report = Report.from_json(json_path.read_text())
     load = os.getloadavg()[0]
     return Outcome(number, name, "ran", seconds, report, load_after=load, stolen=stolen)
