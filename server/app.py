@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
-import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +28,11 @@ from server.api.interceptors import (
 )
 from server.api.servicer import ENCODERS, StrategyServicer
 from server.api.servicer import add_to_server as add_strategy_service
-from server.brokers.base import Broker
-from server.brokers.metered import MeteredBroker
-from server.brokers.paper import PaperBroker
 from server.cancellation import cancel_requested
 from server.clock import Clock, SystemClock
 from server.config import Settings
-from server.engine import EngineConfig, ExecutionEngine
+from server.engine import ExecutionEngine
+from server.engine_wiring import wire_engine
 from server.manager import StrategyManager
 from server.market.formats import feed_format
 from server.market.listener import MarketListener
@@ -48,11 +44,11 @@ from server.stoploss import StopLossGuard
 from server.store.codec import to_micros
 from server.store.db import Database
 from server.store.embedded_redis import EmbeddedRedis
-from server.store.locks import StrategyLocks
 from server.store.queue import OrderQueue
 from server.store.state import RedisState, connect
 from server.store.stoploss import StopLossIndex
 from server.streams import EventStreams
+from server.worker_supervisor import EngineWorkers
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +93,7 @@ class App:
         self._engine_redis: Redis | None = None
         self._scheduler: Scheduler | None = None
         self._engine: ExecutionEngine | None = None
+        self._workers: EngineWorkers | None = None
         self._listener: MarketListener | None = None
         self._recovery: Recovery | None = None
         self._recovered = False
@@ -182,6 +179,9 @@ class App:
     async def _start_trading(self, manager: StrategyManager) -> None:
         assert self._engine is not None and self._scheduler is not None
         await self._engine.start()
+        if self._workers is not None:
+            # After recovery, like this process's own engine: a worker never races a rebuild.
+            self._workers.start()
         self._scheduler.start()
         await self._sync_timers()
         self._spawn("timer-sync", self._sync_loop())
@@ -224,55 +224,45 @@ class App:
         the manager that the API drives them through."""
         settings, state, db = self._settings, self._state, self._db
         assert state is not None and db is not None
-        engine_config = EngineConfig(
-            concurrency=settings.exec_concurrency,
-            broker_attempts=settings.broker_attempts,
-            broker_timeout_s=settings.broker_timeout_s,
-            buy_grace_s=settings.buy_grace_s,
-            claim_idle_ms=int(settings.exec_claim_idle_s * 1000),
-        )
-        # Workers block in XREADGROUP: their own pool, with a timeout above the block time.
-        self._engine_redis = connect(
-            redis_url, timeout_s=settings.redis_timeout_s + engine_config.block_ms / 1000
-        )
-        queue = self._queue = OrderQueue(redis=self._engine_redis, consumer=_consumer_name())
-        locks = StrategyLocks(redis=state.client, ttl_ms=settings.lock_ttl_ms)
-        publisher = Publisher(state=state)
-        index = self._index = StopLossIndex(redis=state.client)
-        guard = StopLossGuard(index=index, queue=queue, state=state, clock=self._clock)
-        self._listener = self._market_listener(guard, index, publisher)
-        self._scheduler = Scheduler(queue=queue, clock=self._clock, metrics=self._metrics)
-        self._engine = ExecutionEngine(
-            queue=queue,
-            locks=locks,
+        wiring = wire_engine(
+            settings,
+            redis_url=redis_url,
+            state=state,
             db=db,
-            publisher=publisher,
-            broker=self._broker(state),
-            stoploss=guard,
             clock=self._clock,
-            config=engine_config,
-            cancel_timers=self._scheduler.cancel,
             metrics=self._metrics,
+            cancel_timers=self._cancel_timers,
         )
-        guard.submit_with(self._engine.submit_exit)
+        self._engine_redis = wiring.engine_redis
+        self._queue, self._index, self._engine = wiring.queue, wiring.index, wiring.engine
+        self._listener = self._market_listener(wiring.guard, wiring.index, wiring.publisher)
+        self._scheduler = Scheduler(queue=wiring.queue, clock=self._clock, metrics=self._metrics)
+        if settings.engine_processes > 1:
+            self._workers = EngineWorkers(
+                settings=settings, redis_url=redis_url, count=settings.engine_processes - 1
+            )
         self._recovery = Recovery(
             db=db,
             redis=state.client,
-            engine=self._engine,
+            engine=wiring.engine,
             clock=self._clock,
             settle_after_s=settings.reconcile_after_s,
         )
         return StrategyManager(
             db=db,
             state=state,
-            publisher=publisher,
+            publisher=wiring.publisher,
             scheduler=self._scheduler,
-            queue=queue,
-            locks=locks,
-            stoploss=guard,
+            queue=wiring.queue,
+            locks=wiring.locks,
+            stoploss=wiring.guard,
             clock=self._clock,
             watch_symbol=self._watch_symbol,
         )
+
+    def _cancel_timers(self, strategy_id: str) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel(strategy_id)
 
     def _market_listener(
         self, guard: StopLossGuard, index: StopLossIndex, publisher: Publisher
@@ -308,16 +298,6 @@ class App:
 
     def _spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
         self._background.append(asyncio.create_task(coro, name=f"algoplane-{name}"))
-
-    def _broker(self, state: RedisState) -> Broker:
-        settings = self._settings
-        paper = PaperBroker(
-            redis=state.client,
-            latency_s=settings.paper_latency_ms / 1000,
-            timeout_rate=settings.paper_timeout_rate,
-            error_rate=settings.paper_error_rate,
-        )
-        return MeteredBroker(broker=paper, metrics=self._metrics)
 
     async def _sync_loop(self) -> None:
         rounds = 0
@@ -453,13 +433,13 @@ class App:
         self._background = []
         if self._scheduler is not None:
             self._scheduler.stop()
+        stopping = []
         if self._engine is not None:
-            await self._engine.stop(self._settings.shutdown_grace_s)
-
-
-def _consumer_name() -> str:
-    """Unique per process, so the consumer group tells whose pending events are whose."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+            stopping.append(self._engine.stop(self._settings.shutdown_grace_s))
+        if self._workers is not None:
+            # Before Redis and the DB go: the workers finish the orders in their hands too.
+            stopping.append(self._workers.stop(self._settings.shutdown_grace_s))
+        await asyncio.gather(*stopping)
 
 
 async def _every(interval_s: float, step: Callable[[], Awaitable[object]]) -> None:

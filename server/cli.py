@@ -11,7 +11,7 @@ import signal
 import sys
 from datetime import timedelta
 
-from server import logs
+from server import engine_worker, logs
 from server.api.auth import mint_token, parse_ttl
 from server.app import App, load_or_create_secret
 from server.clock import SystemClock
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "token":
         return _token(settings, args.sub, args.ttl)
+    if args.command == "engine-worker":
+        worker = engine_worker.run(settings, parent_pid=args.parent_pid, index=args.index)
+        return asyncio.run(worker)
     try:
         return asyncio.run(serve(settings))
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
@@ -43,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="print a bearer token for a tenant")
     token.add_argument("--sub", required=True, help="the tenant the token speaks for")
     token.add_argument("--ttl", default="1d", help="lifetime: 90s, 15m, 12h, 1d (default 1d)")
+    worker = commands.add_parser(
+        "engine-worker",
+        help="an engine-only process; the server starts these (ALGOPLANE_ENGINE_PROCESSES)",
+    )
+    worker.add_argument("--parent-pid", type=int, required=True, help="the server's pid")
+    worker.add_argument("--index", type=int, default=1, help="which worker (for logs)")
     return parser
 
 

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # Execution pipeline.
     # Events the engine holds at once (taken 64 at a time by each order worker).
     exec_concurrency: Annotated[int, Field(ge=1, le=1024)] = 256
+    # Processes taking orders off the queue: the server and engine-only workers it starts
+    # (each with an interpreter lock of its own; a burst is bound by one). Each worker
+    # serves its metrics on ALGOPLANE_METRICS_ADDR's port + its index (1, 2, ...).
+    engine_processes: Annotated[int, Field(ge=1, le=16)] = 1
     buy_grace_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     broker_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     broker_timeout_s: Annotated[float, Field(gt=0, le=120)] = 2.0
@@ -117,6 +121,18 @@ class Settings(BaseSettings):
     def _secret(cls, value: str) -> str:
         if value and len(value.encode()) < 32:
             raise ValueError("must be at least 32 bytes for HS256")
+        return value
+
+    @field_validator("engine_processes")
+    @classmethod
+    def _engine_processes(cls, value: int, info: ValidationInfo) -> int:
+        metrics_addr = info.data.get("metrics_addr") or ""
+        port = int(metrics_addr.rsplit(":", 1)[1]) if metrics_addr else 0
+        if port and port + value - 1 > 65535:
+            raise ValueError(
+                f"the engine workers would serve metrics on ports {port + 1}-{port + value - 1}"
+                " (ALGOPLANE_METRICS_ADDR's port + 1, 2, ...): past 65535"
+            )
         return value
 
     @property

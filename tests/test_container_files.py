@@ -212,7 +212,10 @@ def test_compose_parses_and_configures_the_server_with_valid_settings(
     assert server["ports"] == [
         f"50051:{settings.grpc_addr.rsplit(':', 1)[1]}",
         f"9464:{settings.metrics_addr.rsplit(':', 1)[1]}",
+        # The engine worker serves its metrics on the next port.
+        f"9465:{int(settings.metrics_addr.rsplit(':', 1)[1]) + 1}",
     ]
+    assert settings.engine_processes == 2
     assert settings.metrics_addr == "0.0.0.0:9464"  # reachable from outside the container
 
 

@@ -1,0 +1,276 @@
+"""ALGOPLANE_ENGINE_PROCESSES: the server and the engine-only workers it starts, as real
+processes on a real Redis and one SQLite file. A burst is split between them and each BUY
+reaches the broker once; a worker killed mid-burst is restarted and its events are taken
+over; a worker ends with its server, whether the server stops or is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from protos.algoplane.v1 import strategy_pb2 as pb
+from server.config import Settings, SettingsError, load_settings
+from server.domain import Intent, client_order_id
+from server.store import keys
+from server.worker_supervisor import worker_env
+from tests.faults.test_server_faults import (
+    Node,
+    cluster,
+    invariants_hold,
+    launch,
+    node_env,
+    queue_drained,
+    until,
+)
+from tests.support import PYTHON, RedisProcess, auth, free_port, server_env
+from tests.test_engine import precise_spec
+from tests.test_process import alive, wait_gone
+
+BURST = {
+    "ALGOPLANE_EXEC_CONCURRENCY": "32",
+    # Orders stay in hand a little, so each process holds some of the burst at once.
+    "ALGOPLANE_PAPER_LATENCY_MS": "20",
+    "ALGOPLANE_BROKER_TIMEOUT_S": "5",
+    "ALGOPLANE_EXEC_CLAIM_IDLE_S": "1.5",
+    "ALGOPLANE_LOCK_TTL_MS": "1500",
+    # Taken-over BUYs are late by the claim time: still wanted.
+    "ALGOPLANE_BUY_GRACE_S": "60",
+}
+
+
+def engine_workers_of(pid: int) -> list[int]:
+    """Running `engine-worker` children of `pid` (a zombie has no command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"engine-worker" in command:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def two_free_ports() -> int:
+    """A port whose next port is free too (the first worker serves its metrics there)."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise AssertionError("no two adjacent free ports")
+
+
+async def buys_filled(port: int) -> float:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return str(reply.read().decode())
+
+    text = await asyncio.to_thread(get)
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "algoplane_orders_total"
+        and sample.labels == {"kind": "buy", "status": "filled"}
+    )
+
+
+async def start_burst(node: Node, count: int) -> set[str]:
+    spec = precise_spec(buy_in=3.0, hold=600, symbol="INFY")
+    limit = asyncio.Semaphore(64)
+
+    async def start() -> str:
+        async with limit:
+            reply = await node.stub.StartStrategy(
+                pb.StartStrategyRequest(spec=spec), metadata=auth()
+            )
+            return reply.strategy_id
+
+    sids = set(await asyncio.gather(*(start() for _ in range(count))))
+    assert len(sids) == count
+    return sids
+
+
+async def placed_once_each(redis: Redis, sids: set[str]) -> None:
+    count = len(sids)
+
+    async def all_placed() -> bool:
+        return int(await redis.llen(keys.PAPER_LOG)) >= count and await queue_drained(redis)
+
+    await until("every BUY placed and every event finished", all_placed, 30, every_s=0.1)
+    log = await redis.lrange(keys.PAPER_LOG, 0, -1)
+    assert len(log) == len(set(log)) == count
+    assert set(log) == {client_order_id(sid, 1, Intent.BUY) for sid in sids}
+
+
+async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    metrics_port = two_free_ports()
+    env = node_env(
+        redis_proc.url,
+        tmp_path / "data",
+        free_port(),
+        ALGOPLANE_ENGINE_PROCESSES="2",
+        ALGOPLANE_METRICS_ADDR=f"127.0.0.1:{metrics_port}",
+        **BURST,
+    )
+    count = 400
+    async with cluster(redis_proc) as (redis, nodes):
+        await redis.set("price:{INFY}", "1500")
+        node = await launch(env, tmp_path, "server")
+        nodes.append(node)
+        await until("one engine worker", lambda: _count(node.pid, 1), 10)
+        (worker,) = engine_workers_of(node.pid)
+        sids = await start_burst(node, count)
+        await placed_once_each(redis, sids)
+
+        by_server, by_worker = await buys_filled(metrics_port), await buys_filled(metrics_port + 1)
+        assert by_server + by_worker == count
+        assert by_server > 0 and by_worker > 0, (by_server, by_worker)
+
+        assert await node.sigterm() == 0
+        assert not alive(worker)
+        await invariants_hold(redis, f"sqlite+aiosqlite:///{tmp_path / 'data' / 'algoplane.db'}")
+
+
+async def test_an_engine_worker_killed_mid_burst_is_restarted_and_its_events_taken_over(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    env = node_env(
+        redis_proc.url, tmp_path / "data", free_port(), ALGOPLANE_ENGINE_PROCESSES="2", **BURST
+    )
+    count = 500
+    async with cluster(redis_proc) as (redis, nodes):
+        await redis.set("price:{INFY}", "1500")
+        node = await launch(env, tmp_path, "server")
+        nodes.append(node)
+        await until("one engine worker", lambda: _count(node.pid, 1), 10)
+        (victim,) = engine_workers_of(node.pid)
+        sids = await start_burst(node, count)
+
+        async def pending_of_victim() -> int:
+            consumers = await redis.xinfo_consumers(keys.ORDER_QUEUE, keys.ENGINE_GROUP)
+            return sum(int(c["pending"]) for c in consumers if f"-{victim}-" in c["name"])
+
+        async def victim_holds_events() -> bool:
+            placed = int(await redis.llen(keys.PAPER_LOG))
+            return placed >= count // 5 and await pending_of_victim() > 0
+
+        await until("the worker holds events mid-burst", victim_holds_events, 10, every_s=0.005)
+        os.kill(victim, signal.SIGKILL)
+        await wait_gone(victim)
+        assert int(await redis.llen(keys.PAPER_LOG)) < count, "the burst ended before the kill"
+        assert await pending_of_victim() > 0  # left behind under the dead worker's name
+
+        await placed_once_each(redis, sids)
+        assert "taking over event" in node.log()
+        assert f"engine worker 1 (pid {victim}) exited with code -9" in node.log()
+
+        async def restarted() -> bool:
+            return len([pid for pid in engine_workers_of(node.pid) if pid != victim]) == 1
+
+        await until("a new engine worker", restarted, 10)
+        (successor,) = engine_workers_of(node.pid)
+        assert await node.sigterm() == 0
+        assert not alive(successor)
+        await invariants_hold(redis, f"sqlite+aiosqlite:///{tmp_path / 'data' / 'algoplane.db'}")
+
+
+async def test_engine_workers_end_when_their_server_is_killed(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    env = node_env(redis_proc.url, tmp_path / "data", free_port(), ALGOPLANE_ENGINE_PROCESSES="3")
+    async with cluster(redis_proc) as (_, nodes):
+        node = await launch(env, tmp_path, "server")
+        nodes.append(node)
+        await until("two engine workers", lambda: _count(node.pid, 2), 10)
+        workers = engine_workers_of(node.pid)
+        await node.kill9()
+        for pid in workers:
+            await wait_gone(pid, timeout_s=5)
+
+
+async def _count(pid: int, expected: int) -> bool:
+    return len(engine_workers_of(pid)) == expected
+
+
+def test_engine_processes_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ALGOPLANE_ENGINE_PROCESSES", raising=False)
+    monkeypatch.setenv("ALGOPLANE_METRICS_ADDR", "127.0.0.1:9464")
+    assert load_settings().engine_processes == 1
+    monkeypatch.setenv("ALGOPLANE_ENGINE_PROCESSES", "4")
+    assert load_settings().engine_processes == 4
+    for value in ("0", "17", "two", "1.5"):
+        monkeypatch.setenv("ALGOPLANE_ENGINE_PROCESSES", value)
+        with pytest.raises(SettingsError, match=r"^invalid setting ALGOPLANE_ENGINE_PROCESSES: "):
+            load_settings()
+    # Worker n serves its metrics on the server's port + n.
+    monkeypatch.setenv("ALGOPLANE_METRICS_ADDR", "127.0.0.1:65534")
+    monkeypatch.setenv("ALGOPLANE_ENGINE_PROCESSES", "2")
+    assert load_settings().engine_processes == 2
+    monkeypatch.setenv("ALGOPLANE_ENGINE_PROCESSES", "3")
+    with pytest.raises(SettingsError, match=r"ALGOPLANE_ENGINE_PROCESSES: .*65535"):
+        load_settings()
+
+
+def test_a_worker_gets_the_server_settings_however_they_were_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(
+        data_dir=Path("relative-data"),
+        exec_concurrency=7,
+        paper_latency_ms=3,
+        buy_grace_s=12.5,
+        reflection=False,
+        log_format="json",
+        metrics_addr="127.0.0.1:9000",
+        engine_processes=3,
+        jwt_secret="s" * 32,
+    )
+    env = worker_env(settings, redis_url="unix:///tmp/redis.sock", index=2)
+    assert "ALGOPLANE_JWT_SECRET" not in env
+    for name in [k for k in os.environ if k.startswith("ALGOPLANE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    got = load_settings()
+    assert got.redis_url == "unix:///tmp/redis.sock"
+    assert got.database_url == settings.effective_database_url
+    assert got.data_dir == Path("relative-data").resolve()
+    assert got.metrics_addr == "127.0.0.1:9002"
+    assert got.engine_processes == 1
+    assert got.jwt_secret == ""
+    same = {"data_dir", "redis_url", "database_url", "metrics_addr", "engine_processes"}
+    same.add("jwt_secret")
+    assert got.model_dump(exclude=same) == settings.model_dump(exclude=same)
+    assert settings.exec_concurrency == 7 and got.log_format == "json" and not got.reflection
+
+
+async def test_an_engine_worker_refuses_to_run_without_the_server_redis(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *(PYTHON, "-m", "server", "engine-worker", "--parent-pid", str(os.getpid())),
+        env=server_env(ALGOPLANE_DATA_DIR=str(tmp_path)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert "ALGOPLANE_REDIS_URL is required" in err.decode()
+    assert not (tmp_path / "redis").exists()  # no embedded Redis of its own
