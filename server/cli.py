@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "token":
         return _token(settings, args.sub, args.ttl)
     if args.command == "engine-worker":
+        logs.configure(
+            settings.log_level, settings.log_format, process=f"engine-worker-{args.index}"
+        )
         worker = engine_worker.run(settings, parent_pid=args.parent_pid, index=args.index)
         return asyncio.run(worker)
     try:

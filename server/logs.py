@@ -69,10 +69,12 @@ class ContextFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """`<time> <LEVEL> <logger>: <message> [tenant=.. strategy_id=..]`"""
+    """`<time> <LEVEL> <logger>: <message> [tenant=.. strategy_id=..]`; an engine worker's
+    lines say so after the level (`[engine-worker-1]`): they share the server's stderr."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, process: str = "") -> None:
+        label = f"[{process}] " if process else ""
+        super().__init__(f"%(asctime)s %(levelname)s {label}%(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -85,7 +87,12 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """One object per line: ts (RFC 3339, UTC), level, logger, message, the context fields
-    that are set, and exception (the traceback) when there is one."""
+    that are set, exception (the traceback) when there is one, and `process` in an engine
+    worker's lines."""
+
+    def __init__(self, process: str = "") -> None:
+        super().__init__()
+        self._process = process
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, str] = {
@@ -94,6 +101,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._process:
+            entry["process"] = self._process
         for name in FIELDS:
             if value := getattr(record, name, ""):
                 entry[name] = str(value)
@@ -150,15 +159,18 @@ def _stderr_buffered() -> TextIO:
     )
 
 
-def configure(level: str, fmt: LogFormat, stream: TextIO | None = None) -> logging.Handler:
-    """Sends every logger's records to `stream` (stderr) in the chosen format; replaces the
-    handler an earlier call installed. Returns the handler."""
+def configure(
+    level: str, fmt: LogFormat, stream: TextIO | None = None, *, process: str = ""
+) -> logging.Handler:
+    """Sends every logger's records to `stream` (stderr) in the chosen format, labelled with
+    `process` when it is set; replaces the handler an earlier call installed. Returns the
+    handler."""
     # Neither format shows them, and looking them up for every record (the multiprocessing
     # process name above all) was a visible share of each StartStrategy.
     logging.logProcesses = logging.logMultiprocessing = logging.logThreads = False
     handler = FlushBehindHandler(stream or _stderr_buffered())
     handler.addFilter(ContextFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(process) if fmt == "json" else TextFormatter(process))
     handler.set_name("algoplane")
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "algoplane"]:

@@ -202,9 +202,15 @@ async def test_engine_workers_end_when_their_server_is_killed(
         nodes.append(node)
         await until("two engine workers", lambda: _count(node.pid, 2), 10)
         workers = engine_workers_of(node.pid)
+        server = node.pid
         await node.kill9()
         for pid in workers:
             await wait_gone(pid, timeout_s=5)
+        for index in (1, 2):
+            assert (
+                f"[engine-worker-{index}] server.engine_worker: engine worker {index}: its server"
+                f" (pid {server}) is gone; stopping"
+            ) in node.log()
 
 
 async def _count(pid: int, expected: int) -> bool:

@@ -100,6 +100,24 @@ def test_text_lines_are_readable() -> None:
     assert re.fullmatch(prefix + "plain", plain)
 
 
+def test_an_engine_workers_lines_say_which_process_wrote_them() -> None:
+    root = logging.getLogger()
+    lines = []
+    for fmt in ("text", "json"):
+        stream = io.StringIO()
+        handler = logs.configure("INFO", fmt, stream, process="engine-worker-2")
+        try:
+            log.info("taking orders")
+        finally:
+            root.removeHandler(handler)
+        lines.append(stream.getvalue().strip())
+    text, entry = lines[0], json.loads(lines[1])
+    assert re.fullmatch(
+        r"\S+ \S+ INFO \[engine-worker-2\] tests\.test_logs: taking orders", text
+    ), text
+    assert entry["process"] == "engine-worker-2" and entry["message"] == "taking orders"
+
+
 def test_anything_shaped_like_a_token_is_redacted(json_logs: io.StringIO) -> None:
     jwt = token("tenant-a")
     log.warning("header was %s", f"Bearer {jwt}")
