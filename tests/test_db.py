@@ -29,6 +29,7 @@ from server.domain import (
     new_strategy_id,
 )
 from server.errors import FailedPrecondition, NotFound, strategy_not_found
+from server.store.codec import to_micros
 from server.store.db import (
     Database,
     Found,
@@ -358,6 +359,29 @@ def make_order(strategy: Strategy, kind: OrderKind, **changes: object) -> Order:
         updated_at=T0,
     )
     return replace(order, **changes)  # type: ignore[arg-type]
+
+
+async def test_changed_since_skips_only_the_versions_the_caller_knows(db: Database) -> None:
+    """The timer sync's read: strategies changed since an instant, except those whose
+    (id, version) the caller already holds; a known id at another version still comes back."""
+    old, early, late = (make_strategy(at=T0 + timedelta(seconds=n)) for n in (0, 10, 20))
+    for strategy, runtime in (old, early, late):
+        await insert(db, strategy, runtime)
+    since = to_micros(T0 + timedelta(seconds=5))
+
+    def ids(found: list[tuple[Strategy, Runtime]]) -> set[str]:
+        return {strategy.id for strategy, _ in found}
+
+    assert ids(await db.list_changed_since(since)) == {early[0].id, late[0].id}
+    known = {(early[0].id, 0)}
+    got = await db.list_changed_since(since, known=lambda sid, v: (sid, v) in known)
+    assert ids(got) == {late[0].id}
+    ((strategy, runtime),) = got
+    assert (strategy, runtime) == late  # built whole, as without `known`
+    assert ids(await db.list_changed_since(since, known=lambda sid, v: True)) == set()
+    stale = {(early[0].id, 7), (late[0].id, 0)}
+    got = await db.list_changed_since(since, known=lambda sid, v: (sid, v) in stale)
+    assert ids(got) == {early[0].id}
 
 
 async def test_save_upserts_orders_and_lists_them(db: Database) -> None:
