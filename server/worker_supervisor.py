@@ -73,11 +73,6 @@ class EngineWorkers:
         self._tasks: list[asyncio.Task[None]] = []
         self._processes: dict[int, asyncio.subprocess.Process] = {}
 
-    @property
-    def pids(self) -> list[int]:
-        """Of the workers running now, by index."""
-        return [self._processes[i].pid for i in sorted(self._processes)]
-
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._keep(index), name=f"algoplane-engine-worker-{index}")
