@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from tests.faults.test_server_faults import (
     until,
 )
 from tests.support import PYTHON, RedisProcess, auth, free_port, server_env
+from tests.test_db import fresh_postgres_database
 from tests.test_engine import precise_spec
 from tests.test_process import alive, wait_gone
 
@@ -119,8 +121,18 @@ async def placed_once_each(redis: Redis, sids: set[str]) -> None:
     assert set(log) == {client_order_id(sid, 1, Intent.BUY) for sid in sids}
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """SQLite in the data dir, or (as compose.yaml runs two engine processes) PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'data' / 'algoplane.db'}"
+        return
+    async with fresh_postgres_database() as url:
+        yield url
+
+
 async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
-    redis_proc: RedisProcess, tmp_path: Path
+    redis_proc: RedisProcess, tmp_path: Path, database_url: str
 ) -> None:
     metrics_port = two_free_ports()
     env = node_env(
@@ -129,6 +141,7 @@ async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
         free_port(),
         ALGOPLANE_ENGINE_PROCESSES="2",
         ALGOPLANE_METRICS_ADDR=f"127.0.0.1:{metrics_port}",
+        ALGOPLANE_DATABASE_URL=database_url,
         **BURST,
     )
     count = 400
@@ -147,7 +160,7 @@ async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
 
         assert await node.sigterm() == 0
         assert not alive(worker)
-        await invariants_hold(redis, f"sqlite+aiosqlite:///{tmp_path / 'data' / 'algoplane.db'}")
+        await invariants_hold(redis, database_url)
 
 
 async def test_an_engine_worker_killed_mid_burst_is_restarted_and_its_events_taken_over(
