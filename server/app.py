@@ -239,7 +239,10 @@ class App:
         self._scheduler = Scheduler(queue=wiring.queue, clock=self._clock, metrics=self._metrics)
         if settings.engine_processes > 1:
             self._workers = EngineWorkers(
-                settings=settings, redis_url=redis_url, count=settings.engine_processes - 1
+                settings=settings,
+                redis_url=redis_url,
+                count=settings.engine_processes - 1,
+                metrics=self._metrics,
             )
         self._recovery = Recovery(
             db=db,

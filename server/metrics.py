@@ -114,6 +114,12 @@ class Metrics:
             ["method"],
             registry=registry,
         )
+        self.engine_workers = Gauge(
+            "algoplane_engine_workers",
+            "Engine-only worker processes this server has running "
+            "(ALGOPLANE_ENGINE_PROCESSES - 1 when all are up).",
+            registry=registry,
+        )
         self.rpcs = Counter(
             "algoplane_rpcs",
             "Finished StrategyService calls, by method and the status code the client got.",

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from server.config import Settings
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,13 @@ class EngineWorkers:
         settings: Settings,
         redis_url: str,
         count: int,
+        metrics: Metrics,
         python: str = sys.executable,
     ) -> None:
         self._settings = settings
         self._redis_url = redis_url
         self._count = count
+        self._metrics = metrics
         self._python = python
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -100,11 +103,13 @@ class EngineWorkers:
                 log.error("cannot start engine worker %d: %s", index, exc)
             else:
                 self._processes[index] = process
+                self._metrics.engine_workers.set(len(self._processes))
                 if self._stopping:  # stop() began while this one was starting
                     process.send_signal(signal.SIGTERM)
                 log.info("engine worker %d started (pid %d)", index, process.pid)
                 code = await process.wait()
                 del self._processes[index]
+                self._metrics.engine_workers.set(len(self._processes))
                 if self._stopping:
                     return
                 log.warning(

@@ -78,19 +78,24 @@ def two_free_ports() -> int:
     raise AssertionError("no two adjacent free ports")
 
 
-async def buys_filled(port: int) -> float:
+async def sample(port: int, name: str, **labels: str) -> float:
+    """The value of one series on the /metrics endpoint at `port` (0 when absent)."""
+
     def get() -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             return str(reply.read().decode())
 
     text = await asyncio.to_thread(get)
     return sum(
-        sample.value
+        found.value
         for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "algoplane_orders_total"
-        and sample.labels == {"kind": "buy", "status": "filled"}
+        for found in family.samples
+        if found.name == name and found.labels == labels
     )
+
+
+async def buys_filled(port: int) -> float:
+    return await sample(port, "algoplane_orders_total", kind="buy", status="filled")
 
 
 async def start_burst(node: Node, count: int) -> set[str]:
@@ -151,6 +156,7 @@ async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
         nodes.append(node)
         await until("one engine worker", lambda: _count(node.pid, 1), 10)
         (worker,) = engine_workers_of(node.pid)
+        assert await sample(metrics_port, "algoplane_engine_workers") == 1
         sids = await start_burst(node, count)
         await placed_once_each(redis, sids)
 
@@ -166,8 +172,14 @@ async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
 async def test_an_engine_worker_killed_mid_burst_is_restarted_and_its_events_taken_over(
     redis_proc: RedisProcess, tmp_path: Path
 ) -> None:
+    metrics_port = two_free_ports()
     env = node_env(
-        redis_proc.url, tmp_path / "data", free_port(), ALGOPLANE_ENGINE_PROCESSES="2", **BURST
+        redis_proc.url,
+        tmp_path / "data",
+        free_port(),
+        ALGOPLANE_ENGINE_PROCESSES="2",
+        ALGOPLANE_METRICS_ADDR=f"127.0.0.1:{metrics_port}",
+        **BURST,
     )
     count = 500
     async with cluster(redis_proc) as (redis, nodes):
@@ -189,6 +201,12 @@ async def test_an_engine_worker_killed_mid_burst_is_restarted_and_its_events_tak
         await until("the worker holds events mid-burst", victim_holds_events, 10, every_s=0.005)
         os.kill(victim, signal.SIGKILL)
         await wait_gone(victim)
+
+        async def workers_gauge(value: float) -> bool:
+            return await sample(metrics_port, "algoplane_engine_workers") == value
+
+        # Down while the supervisor waits to restart it (0.5 s), then up again below.
+        await until("the gauge shows the worker down", lambda: workers_gauge(0), 5, every_s=0.02)
         assert int(await redis.llen(keys.PAPER_LOG)) < count, "the burst ended before the kill"
         assert await pending_of_victim() > 0  # left behind under the dead worker's name
 
@@ -201,6 +219,7 @@ async def test_an_engine_worker_killed_mid_burst_is_restarted_and_its_events_tak
 
         await until("a new engine worker", restarted, 10)
         (successor,) = engine_workers_of(node.pid)
+        await until("the gauge shows it up again", lambda: workers_gauge(1), 5)
         assert await node.sigterm() == 0
         assert not alive(successor)
         await invariants_hold(redis, f"sqlite+aiosqlite:///{tmp_path / 'data' / 'algoplane.db'}")
