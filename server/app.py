@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
@@ -15,7 +14,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
 
 from protos.algoplane.v1 import strategy_pb2
 from server.api.auth import TokenVerifier
@@ -28,15 +26,20 @@ from server.api.interceptors import (
 )
 from server.api.servicer import ENCODERS, StrategyServicer
 from server.api.servicer import add_to_server as add_strategy_service
-from server.cancellation import cancel_requested
+from server.cancellation import cancel_and_wait, cancel_requested
 from server.clock import Clock, SystemClock
 from server.config import Settings
-from server.engine import ExecutionEngine
-from server.engine_wiring import wire_engine
+from server.engine_wiring import (
+    EngineWiring,
+    close_connections,
+    connect_state,
+    open_database,
+    wire_engine,
+)
 from server.manager import StrategyManager
 from server.market.formats import feed_format
 from server.market.listener import MarketListener
-from server.metrics import Metrics, MetricsServer
+from server.metrics import Metrics, MetricsServer, serve_configured
 from server.publisher import Publisher
 from server.recovery import Recovery
 from server.scheduler import Scheduler
@@ -44,8 +47,7 @@ from server.stoploss import StopLossGuard
 from server.store.codec import to_micros
 from server.store.db import Database
 from server.store.embedded_redis import EmbeddedRedis
-from server.store.queue import OrderQueue
-from server.store.state import RedisState, connect
+from server.store.state import RedisState
 from server.store.stoploss import StopLossIndex
 from server.streams import EventStreams
 from server.worker_supervisor import EngineWorkers
@@ -90,9 +92,8 @@ class App:
         self._streams: EventStreams | None = None
         self._health: HealthReporter | None = None
         self._server: grpc.aio.Server | None = None
-        self._engine_redis: Redis | None = None
         self._scheduler: Scheduler | None = None
-        self._engine: ExecutionEngine | None = None
+        self._wiring: EngineWiring | None = None
         self._workers: EngineWorkers | None = None
         self._listener: MarketListener | None = None
         self._recovery: Recovery | None = None
@@ -100,8 +101,6 @@ class App:
         self._background: list[asyncio.Task[Any]] = []
         self._metrics = Metrics()
         self._metrics_server: MetricsServer | None = None
-        self._queue: OrderQueue | None = None
-        self._index: StopLossIndex | None = None
         # Symbols of live strategies (from the DB's periodic sync, plus every Start since):
         # the ones whose stop-loss index is counted.
         self._symbols: set[str] = set()
@@ -130,13 +129,9 @@ class App:
             if settings.jwt_secret
             else await asyncio.to_thread(load_or_create_secret, settings.data_dir)
         )
-        self._db = Database(settings.effective_database_url, timeout_s=settings.db_timeout_s)
+        self._db = open_database(settings)
         await self._db.create_schema()
-        self._state = RedisState(
-            client=connect(redis_url, timeout_s=settings.redis_timeout_s),
-            stream_client=connect(redis_url, timeout_s=settings.redis_timeout_s + 2),
-            stream_maxlen=settings.stream_maxlen,
-        )
+        self._state = connect_state(settings, redis_url)
         manager = self._build_pipeline(redis_url)
         self._streams = EventStreams(state=self._state, encoders=ENCODERS)
         port = await self._start_server(manager, self._streams, TokenVerifier(secret))
@@ -149,17 +144,7 @@ class App:
 
     def _serve_metrics(self) -> None:
         """First of all, so a taken port stops startup before anything else runs."""
-        bind = self._settings.metrics_bind
-        if bind is None:
-            return
-        try:
-            self._metrics_server = self._metrics.serve(*bind)
-        except OSError as exc:
-            raise OSError(
-                f"cannot serve metrics on ALGOPLANE_METRICS_ADDR={self._settings.metrics_addr}"
-                f": {exc.strerror or exc}"
-            ) from exc
-        log.info("metrics on http://%s:%d/metrics", bind[0], self._metrics_server.port)
+        self._metrics_server = serve_configured(self._metrics, self._settings)
 
     async def _recover_until_done(self) -> None:
         """Health stays NOT_SERVING and Start/Stop answer UNAVAILABLE until this is done;
@@ -177,8 +162,8 @@ class App:
                 delay = min(delay * 2, 5.0)
 
     async def _start_trading(self, manager: StrategyManager) -> None:
-        assert self._engine is not None and self._scheduler is not None
-        await self._engine.start()
+        assert self._wiring is not None and self._scheduler is not None
+        await self._wiring.engine.start()
         if self._workers is not None:
             # After recovery, like this process's own engine: a worker never races a rebuild.
             self._workers.start()
@@ -206,9 +191,10 @@ class App:
         scrape: the HTTP server answers from its own thread, which cannot use the async
         Redis client, and a scrape must never wait on the loop. They lag by at most the
         interval (a second)."""
-        assert self._queue is not None and self._index is not None
-        self._metrics.set_queues(await self._queue.depths())
-        self._metrics.stoploss_armed.set(await self._index.armed_total(self._symbols))
+        assert self._wiring is not None
+        self._metrics.set_queues(await self._wiring.queue.depths())
+        armed = await self._wiring.index.armed_total(self._symbols)
+        self._metrics.stoploss_armed.set(armed)
 
     def _watch_symbol(self, symbol: str) -> None:
         self._symbols.add(symbol)
@@ -224,7 +210,7 @@ class App:
         the manager that the API drives them through."""
         settings, state, db = self._settings, self._state, self._db
         assert state is not None and db is not None
-        wiring = wire_engine(
+        wiring = self._wiring = wire_engine(
             settings,
             redis_url=redis_url,
             state=state,
@@ -233,8 +219,6 @@ class App:
             metrics=self._metrics,
             cancel_timers=self._cancel_timers,
         )
-        self._engine_redis = wiring.engine_redis
-        self._queue, self._index, self._engine = wiring.queue, wiring.index, wiring.engine
         self._listener = self._market_listener(wiring.guard, wiring.index, wiring.publisher)
         self._scheduler = Scheduler(queue=wiring.queue, clock=self._clock, metrics=self._metrics)
         if settings.engine_processes > 1:
@@ -407,12 +391,7 @@ class App:
         for the next start or a peer), then connections, then embedded Redis."""
         await self._stop_api()
         await self._stop_pipeline()
-        if self._engine_redis is not None:
-            await self._engine_redis.aclose()
-        if self._state is not None:
-            await self._state.close()
-        if self._db is not None:
-            await self._db.close()
+        await close_connections(self._wiring, self._state, self._db)
         if self._embedded is not None:
             await self._embedded.stop()
         if self._metrics_server is not None:
@@ -428,17 +407,13 @@ class App:
             await self._server.stop(self._settings.shutdown_grace_s)
 
     async def _stop_pipeline(self) -> None:
-        for task in self._background:
-            task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._background)
         self._background = []
         if self._scheduler is not None:
             self._scheduler.stop()
         stopping = []
-        if self._engine is not None:
-            stopping.append(self._engine.stop(self._settings.shutdown_grace_s))
+        if self._wiring is not None:
+            stopping.append(self._wiring.engine.stop(self._settings.shutdown_grace_s))
         if self._workers is not None:
             # Before Redis and the DB go: the workers finish the orders in their hands too.
             stopping.append(self._workers.stop(self._settings.shutdown_grace_s))

@@ -12,9 +12,23 @@ counted on the task even when the exception was swallowed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterable
+from typing import Any
 
 
 def cancel_requested() -> bool:
     """True once the current task has been asked to stop (cancel() not undone)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancels every task, then waits for each to end; what they raise on the way out is
+    theirs to log (a cancelled background loop has nothing left to report)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -33,7 +33,7 @@ from server.brokers.base import (
     Side,
     check_reply,
 )
-from server.cancellation import cancel_requested
+from server.cancellation import cancel_and_wait, cancel_requested
 from server.clock import Clock
 from server.domain import (
     Intent,
@@ -162,11 +162,7 @@ class ExecutionEngine:
             task.cancel()
         busy = [*self._tasks, *self._beside_tasks, *self._exits_here]
         _, running = await asyncio.wait(busy, timeout=grace_s)
-        for task in running:
-            task.cancel()
-        for task in running:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(running)
         self._tasks = []
 
     async def _worker(self, batch: int, *, exits_only: bool = False) -> None:

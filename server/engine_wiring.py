@@ -1,5 +1,6 @@
-"""The execution engine and the parts it owns, wired the same way in the server and in the
-engine-only worker processes it starts (`ALGOPLANE_ENGINE_PROCESSES`)."""
+"""The execution engine, the parts it owns and the connections it runs on, opened and wired
+the same way in the server and in the engine-only worker processes it starts
+(`ALGOPLANE_ENGINE_PROCESSES`)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,33 @@ class EngineWiring:
     publisher: Publisher
     index: StopLossIndex
     guard: StopLossGuard
-    # The workers' own pool (they block in XREADGROUP); closed by whoever wired it.
+    # The workers' own pool (they block in XREADGROUP); see close_connections.
     engine_redis: Redis
+
+
+def open_database(settings: Settings) -> Database:
+    return Database(settings.effective_database_url, timeout_s=settings.db_timeout_s)
+
+
+def connect_state(settings: Settings, redis_url: str) -> RedisState:
+    return RedisState(
+        client=connect(redis_url, timeout_s=settings.redis_timeout_s),
+        # Its XREADs block for up to a second (EventStreams): a timeout above that.
+        stream_client=connect(redis_url, timeout_s=settings.redis_timeout_s + 2),
+        stream_maxlen=settings.stream_maxlen,
+    )
+
+
+async def close_connections(
+    wiring: EngineWiring | None, state: RedisState | None, db: Database | None
+) -> None:
+    """Once the engine has stopped: its pool, then Redis, then the DB (whichever opened)."""
+    if wiring is not None:
+        await wiring.engine_redis.aclose()
+    if state is not None:
+        await state.close()
+    if db is not None:
+        await db.close()
 
 
 def engine_config(settings: Settings) -> EngineConfig:

@@ -14,15 +14,18 @@ import os
 import signal
 import sys
 
-from redis.asyncio import Redis
-
 from server.clock import Clock, SystemClock
 from server.config import Settings
-from server.engine import ExecutionEngine
-from server.engine_wiring import wire_engine
-from server.metrics import Metrics, MetricsServer
+from server.engine_wiring import (
+    EngineWiring,
+    close_connections,
+    connect_state,
+    open_database,
+    wire_engine,
+)
+from server.metrics import Metrics, MetricsServer, serve_configured
 from server.store.db import Database
-from server.store.state import RedisState, connect
+from server.store.state import RedisState
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +44,14 @@ class EngineWorker:
         self._metrics_server: MetricsServer | None = None
         self._db: Database | None = None
         self._state: RedisState | None = None
-        self._engine: ExecutionEngine | None = None
-        self._engine_redis: Redis | None = None
+        self._wiring: EngineWiring | None = None
 
     async def start(self) -> None:
         settings = self._settings
-        bind = settings.metrics_bind
-        if bind is not None:
-            self._metrics_server = self._metrics.serve(*bind)
-        self._db = Database(settings.effective_database_url, timeout_s=settings.db_timeout_s)
-        self._state = RedisState(
-            client=connect(settings.redis_url, timeout_s=settings.redis_timeout_s),
-            stream_client=connect(settings.redis_url, timeout_s=settings.redis_timeout_s + 2),
-            stream_maxlen=settings.stream_maxlen,
-        )
-        wiring = wire_engine(
+        self._metrics_server = serve_configured(self._metrics, settings)
+        self._db = open_database(settings)
+        self._state = connect_state(settings, settings.redis_url)
+        self._wiring = wire_engine(
             settings,
             redis_url=settings.redis_url,
             state=self._state,
@@ -66,19 +62,12 @@ class EngineWorker:
             # that fires anyway meets a state the engine skips.
             cancel_timers=lambda strategy_id: None,
         )
-        self._engine_redis = wiring.engine_redis
-        self._engine = wiring.engine
-        await self._engine.start()
+        await self._wiring.engine.start()
 
     async def stop(self) -> None:
-        if self._engine is not None:
-            await self._engine.stop(self._settings.shutdown_grace_s)
-        if self._engine_redis is not None:
-            await self._engine_redis.aclose()
-        if self._state is not None:
-            await self._state.close()
-        if self._db is not None:
-            await self._db.close()
+        if self._wiring is not None:
+            await self._wiring.engine.stop(self._settings.shutdown_grace_s)
+        await close_connections(self._wiring, self._state, self._db)
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.close)
 

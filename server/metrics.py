@@ -13,6 +13,7 @@ the app (`set_queues`, `stoploss_armed`); the listener's own state is read on sc
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Protocol
@@ -23,7 +24,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from server.config import Settings
 from server.domain import Intent, OrderKind, OrderStatus
+
+log = logging.getLogger(__name__)
 
 QUEUES = ("orders", "exits")
 BROKER_OPERATIONS = ("place_order", "get_order")
@@ -186,6 +190,23 @@ class Metrics:
         """Serves /metrics over HTTP from a daemon thread (prometheus_client's server)."""
         httpd, thread = start_http_server(port, host, registry=self.registry)
         return MetricsServer(httpd, thread)
+
+
+def serve_configured(metrics: Metrics, settings: Settings) -> MetricsServer | None:
+    """Serves `metrics` where ALGOPLANE_METRICS_ADDR says; None when it is empty. A taken
+    port is an OSError naming the setting."""
+    bind = settings.metrics_bind
+    if bind is None:
+        return None
+    try:
+        server = metrics.serve(*bind)
+    except OSError as exc:
+        raise OSError(
+            f"cannot serve metrics on ALGOPLANE_METRICS_ADDR={settings.metrics_addr}"
+            f": {exc.strerror or exc}"
+        ) from exc
+    log.info("metrics on http://%s:%d/metrics", bind[0], server.port)
+    return server
 
 
 class MetricsServer:

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from server.cancellation import cancel_and_wait
 from server.config import Settings
 from server.metrics import Metrics
 
@@ -144,9 +145,5 @@ class EngineWorkers:
                         with contextlib.suppress(ProcessLookupError):
                             process.kill()
                 await asyncio.gather(*(p.wait() for p in processes))
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []

@@ -6,11 +6,13 @@ over; a worker ends with its server, whether the server stops or is killed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,33 +21,24 @@ from redis.asyncio import Redis
 
 from protos.algoplane.v1 import strategy_pb2 as pb
 from server.config import Settings, SettingsError, load_settings
-from server.domain import Intent, client_order_id
 from server.store import keys
 from server.worker_supervisor import worker_env
 from tests.faults.test_server_faults import (
+    BURST,
     Node,
     cluster,
+    holds_events_mid_burst,
     invariants_hold,
     launch,
     node_env,
-    queue_drained,
+    pending_of,
+    placed_once_each,
     until,
 )
 from tests.support import PYTHON, RedisProcess, auth, free_port, server_env
-from tests.test_db import fresh_postgres_database
+from tests.test_db import database_url  # noqa: F401 - the fixture: SQLite, then PostgreSQL
 from tests.test_engine import precise_spec
 from tests.test_process import alive, wait_gone
-
-BURST = {
-    "ALGOPLANE_EXEC_CONCURRENCY": "32",
-    # Orders stay in hand a little, so each process holds some of the burst at once.
-    "ALGOPLANE_PAPER_LATENCY_MS": "20",
-    "ALGOPLANE_BROKER_TIMEOUT_S": "5",
-    "ALGOPLANE_EXEC_CLAIM_IDLE_S": "1.5",
-    "ALGOPLANE_LOCK_TTL_MS": "1500",
-    # Taken-over BUYs are late by the claim time: still wanted.
-    "ALGOPLANE_BUY_GRACE_S": "60",
-}
 
 
 def engine_workers_of(pid: int) -> list[int]:
@@ -114,31 +107,21 @@ async def start_burst(node: Node, count: int) -> set[str]:
     return sids
 
 
-async def placed_once_each(redis: Redis, sids: set[str]) -> None:
-    count = len(sids)
+@dataclass
+class WithWorker:
+    """A server started with ALGOPLANE_ENGINE_PROCESSES=2, its one engine worker, the shared
+    Redis, and the server's metrics port (the worker's is the next one)."""
 
-    async def all_placed() -> bool:
-        return int(await redis.llen(keys.PAPER_LOG)) >= count and await queue_drained(redis)
-
-    await until("every BUY placed and every event finished", all_placed, 30, every_s=0.1)
-    log = await redis.lrange(keys.PAPER_LOG, 0, -1)
-    assert len(log) == len(set(log)) == count
-    assert set(log) == {client_order_id(sid, 1, Intent.BUY) for sid in sids}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """SQLite in the data dir, or (as compose.yaml runs two engine processes) PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'data' / 'algoplane.db'}"
-        return
-    async with fresh_postgres_database() as url:
-        yield url
+    redis: Redis
+    node: Node
+    worker: int
+    metrics_port: int
 
 
-async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
-    redis_proc: RedisProcess, tmp_path: Path, database_url: str
-) -> None:
+@contextlib.asynccontextmanager
+async def server_with_worker(
+    redis_proc: RedisProcess, tmp_path: Path, **extra: str
+) -> AsyncIterator[WithWorker]:
     metrics_port = two_free_ports()
     env = node_env(
         redis_proc.url,
@@ -146,16 +129,28 @@ async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
         free_port(),
         ALGOPLANE_ENGINE_PROCESSES="2",
         ALGOPLANE_METRICS_ADDR=f"127.0.0.1:{metrics_port}",
-        ALGOPLANE_DATABASE_URL=database_url,
         **BURST,
+        **extra,
     )
-    count = 400
     async with cluster(redis_proc) as (redis, nodes):
         await redis.set("price:{INFY}", "1500")
         node = await launch(env, tmp_path, "server")
         nodes.append(node)
         await until("one engine worker", lambda: _count(node.pid, 1), 10)
         (worker,) = engine_workers_of(node.pid)
+        yield WithWorker(redis, node, worker, metrics_port)
+
+
+async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
+    redis_proc: RedisProcess,
+    tmp_path: Path,
+    database_url: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    count = 400
+    async with server_with_worker(
+        redis_proc, tmp_path, ALGOPLANE_DATABASE_URL=database_url
+    ) as setup:
+        redis, node, metrics_port = setup.redis, setup.node, setup.metrics_port
         assert await sample(metrics_port, "algoplane_engine_workers") == 1
         sids = await start_burst(node, count)
         await placed_once_each(redis, sids)
@@ -165,50 +160,33 @@ async def test_a_burst_is_split_between_the_server_and_its_engine_worker(
         assert by_server > 0 and by_worker > 0, (by_server, by_worker)
 
         assert await node.sigterm() == 0
-        assert not alive(worker)
+        assert not alive(setup.worker)
         await invariants_hold(redis, database_url)
 
 
 async def test_an_engine_worker_killed_mid_burst_is_restarted_and_its_events_taken_over(
     redis_proc: RedisProcess, tmp_path: Path
 ) -> None:
-    metrics_port = two_free_ports()
-    env = node_env(
-        redis_proc.url,
-        tmp_path / "data",
-        free_port(),
-        ALGOPLANE_ENGINE_PROCESSES="2",
-        ALGOPLANE_METRICS_ADDR=f"127.0.0.1:{metrics_port}",
-        **BURST,
-    )
     count = 500
-    async with cluster(redis_proc) as (redis, nodes):
-        await redis.set("price:{INFY}", "1500")
-        node = await launch(env, tmp_path, "server")
-        nodes.append(node)
-        await until("one engine worker", lambda: _count(node.pid, 1), 10)
-        (victim,) = engine_workers_of(node.pid)
+    async with server_with_worker(redis_proc, tmp_path) as setup:
+        redis, node, victim = setup.redis, setup.node, setup.worker
         sids = await start_burst(node, count)
-
-        async def pending_of_victim() -> int:
-            consumers = await redis.xinfo_consumers(keys.ORDER_QUEUE, keys.ENGINE_GROUP)
-            return sum(int(c["pending"]) for c in consumers if f"-{victim}-" in c["name"])
-
-        async def victim_holds_events() -> bool:
-            placed = int(await redis.llen(keys.PAPER_LOG))
-            return placed >= count // 5 and await pending_of_victim() > 0
-
-        await until("the worker holds events mid-burst", victim_holds_events, 10, every_s=0.005)
+        await until(
+            "the worker holds events mid-burst",
+            lambda: holds_events_mid_burst(redis, victim, count),
+            10,
+            every_s=0.005,
+        )
         os.kill(victim, signal.SIGKILL)
         await wait_gone(victim)
 
         async def workers_gauge(value: float) -> bool:
-            return await sample(metrics_port, "algoplane_engine_workers") == value
+            return await sample(setup.metrics_port, "algoplane_engine_workers") == value
 
         # Down while the supervisor waits to restart it (0.5 s), then up again below.
         await until("the gauge shows the worker down", lambda: workers_gauge(0), 5, every_s=0.02)
         assert int(await redis.llen(keys.PAPER_LOG)) < count, "the burst ended before the kill"
-        assert await pending_of_victim() > 0  # left behind under the dead worker's name
+        assert await pending_of(redis, victim) > 0  # left behind under the dead worker's name
 
         await placed_once_each(redis, sids)
         assert "taking over event" in node.log()

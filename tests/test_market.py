@@ -363,9 +363,9 @@ async def test_an_exit_whose_enqueue_reply_was_lost_runs_at_once_not_after_the_r
     # The reaper would find the taken entry only after a minute: the exit must not wait.
     async with market(redis_proc, tmp_path, exec_claim_idle_s=60) as (h, feed):
         sid = await open_position(h, feed, hold=30)
-        engine = h.app._engine
-        assert engine is not None
-        queue = engine._queue
+        wiring = h.app._wiring
+        assert wiring is not None
+        queue = wiring.queue
         real = queue.enqueue_and_take
         lost: list[str] = []
 

@@ -485,20 +485,51 @@ async def test_sigterm_with_open_streams_and_orders_in_flight(
 # --- 4. two servers on one Redis, one killed mid-burst -------------------------------------
 
 
+# A burst of BUYs for a kill to interrupt: orders stay in hand a little (so every engine holds
+# some of the burst at once), and a dead engine's events are taken over quickly.
+BURST = {
+    "ALGOPLANE_EXEC_CONCURRENCY": "32",
+    "ALGOPLANE_PAPER_LATENCY_MS": "20",
+    "ALGOPLANE_BROKER_TIMEOUT_S": "5",
+    "ALGOPLANE_EXEC_CLAIM_IDLE_S": "1.5",
+    "ALGOPLANE_LOCK_TTL_MS": "1500",
+    # Taken-over BUYs are late by the claim time: still wanted.
+    "ALGOPLANE_BUY_GRACE_S": "60",
+}
+
+
+async def pending_of(redis: Redis, pid: int) -> int:
+    """Events the engine of process `pid` has taken and not finished (its consumer names
+    carry the pid)."""
+    consumers = await redis.xinfo_consumers(keys.ORDER_QUEUE, keys.ENGINE_GROUP)
+    return sum(int(c["pending"]) for c in consumers if f"-{pid}-" in c["name"])
+
+
+async def holds_events_mid_burst(redis: Redis, pid: int, count: int) -> bool:
+    """Killed between two of its batches (every event acked), an engine would leave nothing
+    to take over: the burst is under way and `pid` has events in hand."""
+    placed = int(await redis.llen(keys.PAPER_LOG))
+    return placed >= count // 5 and await pending_of(redis, pid) > 0
+
+
+async def placed_once_each(redis: Redis, sids: set[str], timeout_s: float = 30) -> None:
+    """Waits for every strategy's BUY at the broker and an empty queue; each BUY once."""
+    count = len(sids)
+
+    async def all_placed() -> bool:
+        return int(await redis.llen(keys.PAPER_LOG)) >= count and await queue_drained(redis)
+
+    await until("every BUY placed and every event finished", all_placed, timeout_s, every_s=0.1)
+    log = await redis.lrange(keys.PAPER_LOG, 0, -1)
+    assert len(log) == len(set(log)) == count
+    assert set(log) == {client_order_id(sid, 1, Intent.BUY) for sid in sids}
+
+
 async def test_two_servers_one_killed_mid_burst_of_500_buys(
     redis_proc: RedisProcess, tmp_path: Path
 ) -> None:
     shared = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
-    extra = {
-        "ALGOPLANE_DATABASE_URL": shared,
-        "ALGOPLANE_EXEC_CONCURRENCY": "32",
-        "ALGOPLANE_PAPER_LATENCY_MS": "20",
-        "ALGOPLANE_BROKER_TIMEOUT_S": "5",
-        "ALGOPLANE_EXEC_CLAIM_IDLE_S": "1.5",
-        "ALGOPLANE_LOCK_TTL_MS": "1500",
-        # Taken-over BUYs are late by the claim time: still wanted.
-        "ALGOPLANE_BUY_GRACE_S": "60",
-    }
+    extra = {"ALGOPLANE_DATABASE_URL": shared, **BURST}
     count = 500
     async with cluster(redis_proc) as (redis, nodes):
         await redis.set("price:{INFY}", "1500")
@@ -521,30 +552,20 @@ async def test_two_servers_one_killed_mid_burst_of_500_buys(
         sids = set(await asyncio.gather(*(start(n) for n in range(count))))
         assert len(sids) == count
 
-        async def victim_holds_events() -> bool:
-            # Killed between two of its batches (every event acked), the victim would leave
-            # nothing to take over: wait for the burst to be under way with events in its hand.
-            if int(await redis.llen(keys.PAPER_LOG)) < count // 5:
-                return False
-            consumers = await redis.xinfo_consumers(keys.ORDER_QUEUE, keys.ENGINE_GROUP)
-            return any(int(c["pending"]) > 0 for c in consumers if f"-{victim.pid}-" in c["name"])
-
-        await until("the victim holds events mid-burst", victim_holds_events, 10, every_s=0.005)
+        victim_pid = victim.pid
+        await until(
+            "the victim holds events mid-burst",
+            lambda: holds_events_mid_burst(redis, victim_pid, count),
+            10,
+            every_s=0.005,
+        )
         await victim.kill9()
         placed_at_kill = int(await redis.llen(keys.PAPER_LOG))
         assert placed_at_kill < count, "the burst ended before the kill"
         # The dead server held events in hand: they are pending under its consumer name.
-        consumers = await redis.xinfo_consumers(keys.ORDER_QUEUE, keys.ENGINE_GROUP)
-        orphaned = sum(int(c["pending"]) for c in consumers if f"-{victim.pid}-" in c["name"])
-        assert orphaned > 0, consumers
+        assert await pending_of(redis, victim_pid) > 0
 
-        async def all_placed() -> bool:
-            return int(await redis.llen(keys.PAPER_LOG)) >= count and await queue_drained(redis)
-
-        await until("every BUY placed and every event finished", all_placed, 20, every_s=0.1)
-        log = await redis.lrange(keys.PAPER_LOG, 0, -1)
-        assert len(log) == len(set(log)) == count
-        assert set(log) == {client_order_id(sid, 1, Intent.BUY) for sid in sids}
+        await placed_once_each(redis, sids, timeout_s=20)
         assert "taking over event" in survivor.log()
 
         db = Database(shared)
