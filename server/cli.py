@@ -11,7 +11,7 @@ import signal
 import sys
 from datetime import timedelta
 
-from server import engine_worker, logs
+from server import engine_worker, event_loop, logs
 from server.api.auth import mint_token, parse_ttl
 from server.app import App, load_or_create_secret
 from server.clock import SystemClock
@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
             settings.log_level, settings.log_format, process=f"engine-worker-{args.index}"
         )
         worker = engine_worker.run(settings, parent_pid=args.parent_pid, index=args.index)
-        return asyncio.run(worker)
+        return event_loop.run(worker, settings.event_loop)
     try:
-        return asyncio.run(serve(settings))
+        return event_loop.run(serve(settings), settings.event_loop)
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
         return 0
 
@@ -70,6 +70,7 @@ def _token(settings: Settings, tenant: str, ttl_text: str) -> int:
 
 
 async def serve(settings: Settings) -> int:
+    logging.getLogger(__name__).info("starting on %s", event_loop.running())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

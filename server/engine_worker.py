@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 
+from server import event_loop
 from server.clock import Clock, SystemClock
 from server.config import Settings
 from server.engine_wiring import (
@@ -90,7 +91,9 @@ async def run(settings: Settings, *, parent_pid: int, index: int) -> int:
             await worker.stop()
         return 1
     gc.freeze()  # as the server does: startup's objects out of the collector's walks
-    log.info("engine worker %d taking orders (pid %d)", index, os.getpid())
+    log.info(
+        "engine worker %d taking orders (pid %d, %s)", index, os.getpid(), event_loop.running()
+    )
     orphaned = asyncio.create_task(_server_gone(parent_pid))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({orphaned, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from server.cancellation import cancel_and_wait
+from server.child_process import ChildProcess
 from server.config import Settings
 from server.metrics import Metrics
 
@@ -75,7 +76,7 @@ class EngineWorkers:
         self._python = python
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._processes: dict[int, ChildProcess] = {}
 
     def start(self) -> None:
         self._tasks = [
@@ -89,12 +90,13 @@ class EngineWorkers:
         while not self._stopping:
             began = time.monotonic()
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *(self._python, "-m", "server", "engine-worker"),
-                    *("--parent-pid", str(os.getpid()), "--index", str(index)),
+                process = ChildProcess.start(
+                    [
+                        *(self._python, "-m", "server", "engine-worker"),
+                        *("--parent-pid", str(os.getpid()), "--index", str(index)),
+                    ],
                     env=env,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
+                    inherit_stderr=True,  # its log lines go where the server's go
                     # Out of the terminal's process group: Ctrl-C reaches the server alone,
                     # which stops its workers in order (a worker also ends once it sees its
                     # server gone).

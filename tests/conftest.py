@@ -3,19 +3,23 @@ real SQLite in a temp dir; tests call the generated stubs."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import grpc
 import pytest
 from redis.asyncio import Redis
 
 from protos.algoplane.v1 import strategy_pb2_grpc
+from server import event_loop
 from server.app import App
 from server.config import Settings
+from server.event_loop import EventLoop
 from server.store.state import RedisState, connect
 from tests.support import SECRET, RedisProcess, aio_stub, auth, redis_process
 
@@ -112,3 +116,15 @@ async def state(redis_proc: RedisProcess) -> AsyncIterator[RedisState]:
     state = RedisState(client=client, stream_client=streams, stream_maxlen=1000)
     yield state
     await state.close()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    # The tests' in-process servers run on the loop the server runs on by default (uvloop),
+    # or on ALGOPLANE_EVENT_LOOP's when it is set: `ALGOPLANE_EVENT_LOOP=asyncio scripts/test`.
+    kind = os.environ.get("ALGOPLANE_EVENT_LOOP") or Settings.model_fields["event_loop"].default
+    for choice in get_args(EventLoop):
+        if kind == choice:
+            return {choice: event_loop.factory(choice)}
+    raise pytest.UsageError(f"ALGOPLANE_EVENT_LOOP={kind!r}: one of {get_args(EventLoop)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import urllib.request
@@ -206,11 +207,27 @@ async def test_an_engine_worker_killed_mid_burst_is_restarted_and_its_events_tak
 async def test_engine_workers_end_when_their_server_is_killed(
     redis_proc: RedisProcess, tmp_path: Path
 ) -> None:
-    env = node_env(redis_proc.url, tmp_path / "data", free_port(), ALGOPLANE_ENGINE_PROCESSES="3")
+    env = node_env(
+        redis_proc.url,
+        tmp_path / "data",
+        free_port(),
+        ALGOPLANE_ENGINE_PROCESSES="3",
+        ALGOPLANE_LOG_LEVEL="INFO",  # the workers' start lines
+    )
     async with cluster(redis_proc) as (_, nodes):
         node = await launch(env, tmp_path, "server")
         nodes.append(node)
         await until("two engine workers", lambda: _count(node.pid, 2), 10)
+
+        async def both_taking_orders() -> bool:
+            return len(re.findall(r"engine worker \d taking orders", node.log())) == 2
+
+        await until("both workers taking orders", both_taking_orders, 10)
+        # The server's event loop (ALGOPLANE_EVENT_LOOP, default uvloop) is theirs too.
+        for index in (1, 2):
+            assert re.search(
+                rf"engine worker {index} taking orders \(pid \d+, uvloop\.Loop\)", node.log()
+            )
         workers = engine_workers_of(node.pid)
         server = node.pid
         await node.kill9()

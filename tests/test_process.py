@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from protos.algoplane.v1 import strategy_pb2 as pb
+from server import event_loop
+from server.config import SettingsError, load_settings
 from tests.support import PYTHON, aio_stub, blocked_stream_readers, free_port, server_env, spec
 
 START_TIMEOUT_S = 30.0
@@ -66,7 +69,7 @@ class ServerProcess:
     async def wait(self, timeout_s: float = 20.0) -> int:
         code = await asyncio.wait_for(self.process.wait(), timeout_s)
         assert self.process.stdout is not None
-        await self.process.stdout.read()
+        await asyncio.wait_for(self.process.stdout.read(), timeout_s)
         return code
 
     async def kill(self) -> None:
@@ -106,6 +109,7 @@ async def test_embedded_defaults_sigterm_and_restart(tmp_path: Path) -> None:
     try:
         token = await server.demo_token()
         assert f"algoplane: listening on 127.0.0.1:{port}" in server.lines
+        assert "server.cli: starting on uvloop.Loop" in server.log.read_text()
 
         # Its own redis-server, on a unix socket in the data dir, with AOF on.
         assert sock.is_socket()
@@ -187,6 +191,7 @@ async def test_embedded_defaults_sigterm_and_restart(tmp_path: Path) -> None:
         ("ALGOPLANE_STREAM_MAXLEN", "ten"),
         ("ALGOPLANE_METRICS_ADDR", "9464"),
         ("ALGOPLANE_LOG_FORMAT", "xml"),
+        ("ALGOPLANE_EVENT_LOOP", "trio"),
     ],
 )
 def test_malformed_setting_stops_startup(tmp_path: Path, name: str, value: str) -> None:
@@ -209,3 +214,80 @@ def test_malformed_setting_stops_startup(tmp_path: Path, name: str, value: str) 
         assert value not in lines[0]  # a secret is never echoed
     assert result.stdout == ""
     assert not (tmp_path / "data").exists()  # nothing was started or written
+
+
+async def test_standard_event_loop_serves_and_streams(tmp_path: Path) -> None:
+    """ALGOPLANE_EVENT_LOOP=asyncio: the standard library's loop, for a platform without
+    uvloop; the same server, calls and streams on it."""
+    port = free_port()
+    env = server_env(
+        ALGOPLANE_DATA_DIR=str(tmp_path / "data"),
+        ALGOPLANE_GRPC_ADDR=f"127.0.0.1:{port}",
+        ALGOPLANE_EVENT_LOOP="asyncio",
+    )
+    server = await ServerProcess.start(env, tmp_path, tmp_path / "server.log")
+    try:
+        token = await server.demo_token()
+        assert "server.cli: starting on asyncio.unix_events._UnixSelectorEventLoop" in (
+            server.log.read_text()
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = aio_stub(channel)
+            stream = stub.StreamRuntime(pb.StreamRuntimeRequest(), metadata=md(token))
+            await stream.initial_metadata()
+            started = await stub.StartStrategy(
+                pb.StartStrategyRequest(spec=spec(symbol="LOOP")), metadata=md(token)
+            )
+            event = await asyncio.wait_for(stream.read(), 10)
+            assert isinstance(event, pb.RuntimeEvent)
+            assert event.runtime.strategy_id == started.strategy_id
+            stream.cancel()
+        server.process.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+    finally:
+        await server.kill()
+
+
+def test_event_loop_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ALGOPLANE_EVENT_LOOP", raising=False)
+    assert load_settings().event_loop == "uvloop"
+
+    async def loop_class() -> str:
+        return event_loop.running()
+
+    assert event_loop.run(loop_class(), "uvloop") == "uvloop.Loop"
+    assert event_loop.run(loop_class(), "asyncio").startswith("asyncio.")
+    # Where uvloop cannot be imported, the default is refused with what to set instead, and
+    # the standard loop is still there.
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    with pytest.raises(
+        SettingsError,
+        match=r"^invalid setting ALGOPLANE_EVENT_LOOP: .*uvloop is not installed.*'asyncio'",
+    ):
+        load_settings()
+    monkeypatch.setenv("ALGOPLANE_EVENT_LOOP", "asyncio")
+    assert load_settings().event_loop == "asyncio"
+
+
+async def test_a_killed_servers_output_ends_though_its_redis_lives_on(tmp_path: Path) -> None:
+    # Whoever reads the server's output (a terminal pipe, a container runtime) sees it end
+    # when the server dies, even while the embedded redis-server it started outlives it.
+    data = tmp_path / "data"
+    env = server_env(ALGOPLANE_DATA_DIR=str(data), ALGOPLANE_GRPC_ADDR=f"127.0.0.1:{free_port()}")
+    server = await ServerProcess.start(env, tmp_path, tmp_path / "server.log")
+    redis_pid = 0
+    try:
+        await server.demo_token()
+        redis = Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
+        try:
+            redis_pid = int((await redis.info("server"))["process_id"])
+        finally:
+            await redis.aclose()
+        server.process.kill()
+        assert await server.wait(timeout_s=10) == -signal.SIGKILL  # stdout read to its end
+        assert alive(redis_pid)
+    finally:
+        await server.kill()
+        if redis_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(redis_pid, signal.SIGKILL)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable, Sequence
+from typing import cast
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
@@ -78,8 +79,8 @@ class GrpcStreamsProtocol(asyncio.Protocol):
         self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport: uvloop's has Transport's methods without subclassing it.
+        self._transport = transport = cast(asyncio.Transport, transport)
         settings = struct.pack(">HIHI", 0x2, 0, 0x4, _MAX_WINDOW)  # no push; wide windows
         transport.write(
             PREFACE

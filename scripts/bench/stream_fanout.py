@@ -14,7 +14,8 @@ server's CPU, and whether every subscriber got every event. Then the rate is rai
 p99 passes 100 ms: the last rate below is the saturation point. The same search then runs
 against a bare grpc.aio fan-out of the same streams (scripts/bench/fanout_reference.py), on
 the same machine with the same subscribers, which separates the server's own cost from what
-grpc.aio and the machine allow.
+grpc.aio and the machine allow: once on the standard library's loop, once on uvloop, the
+server's default loop.
 
 The subscribers read HTTP/2 frames themselves (scripts/bench/h2_subscriber.py): grpc.aio
 clients cost more CPU per message than the server spends sending it, and on 2 cores they
@@ -230,6 +231,10 @@ async def _round(
     }
 
 
+def _cpu_us_per_delivery(found: dict[str, float]) -> float:
+    return found["cpu"] / found["rate"] * 1e6 if found["rate"] else math.nan
+
+
 BATCHES = "StreamRuntimeBatches"
 # Events/s tried, in order, for the saturation point (x 10 dashboards = deliveries/s). A
 # round's rate is its deliveries over its publishing time, which ends a little after the
@@ -285,6 +290,8 @@ async def run(
     ours: list[float] = []
     batched: list[float] = []
     raw: list[float] = []
+    raw_uv: list[float] = []
+    per_delivery: dict[str, list[float]] = {"server": [], "asyncio": [], "uvloop": []}
     short = 0
     async with (
         redis_server() as redis_proc,
@@ -292,9 +299,15 @@ async def run(
         baseline_process(
             "scripts.bench.fanout_reference", REFERENCE_READY, "--redis", redis_proc.url
         ) as (raw_addr, raw_pid),
+        baseline_process(
+            "scripts.bench.fanout_reference",
+            REFERENCE_READY,
+            *("--redis", redis_proc.url, "--event-loop", "uvloop"),
+        ) as (uv_addr, uv_pid),
     ):
         args = (server.addr, redis_proc.url, server.pid, tenants, per_tenant, procs)
         raw_args = (raw_addr, redis_proc.url, raw_pid, tenants, per_tenant, procs)
+        uv_args = (uv_addr, redis_proc.url, uv_pid, tenants, per_tenant, procs)
         for run in range(runs):
             steady = await _round(*args, rate, ROUND_S)
             p50s.append(steady["p50"])
@@ -302,6 +315,11 @@ async def run(
             cpus.append(steady["cpu"])
             delivered.append(steady["rate"])
             short += int(steady["short"])
+            # CPU per delivery at the steady rate: the cost that sets the saturation point,
+            # and steadier than it on a noisy machine.
+            per_delivery["server"].append(_cpu_us_per_delivery(steady))
+            for name, other in (("asyncio", raw_args), ("uvloop", uv_args)):
+                per_delivery[name].append(_cpu_us_per_delivery(await _round(*other, rate, ROUND_S)))
             # A sweep of each per run, back to back: one sweep's figure swings with what
             # else the 2 cores did in its 5 s rounds, so the median of several is reported,
             # and the ratio is taken within each run.
@@ -310,11 +328,17 @@ async def run(
                 await _saturation(report, f"run {run + 1}, server, batches", args, steps, BATCHES)
             )
             raw.append(await _saturation(report, f"run {run + 1}, raw grpc.aio", raw_args, steps))
+            raw_uv.append(
+                await _saturation(report, f"run {run + 1}, raw grpc.aio on uvloop", uv_args, steps)
+            )
     report.add_runs("delivery lag p50", p50s, "ms")
     report.add_runs("delivery lag p99", p99s, "ms", target=at_most(50))
     report.add_runs("deliveries/s", delivered, "/s")
     report.add_runs("server CPU (cores)", cpus, "")
     report.add("subscribers that missed events (all runs)", short, "", target=at_most(0))
+    report.add_runs("server CPU per delivery", per_delivery["server"], "µs")
+    report.add_runs("raw grpc.aio CPU per delivery, same rate", per_delivery["asyncio"], "µs")
+    report.add_runs("raw grpc.aio on uvloop CPU per delivery", per_delivery["uvloop"], "µs")
     report.add_runs(
         "saturation: deliveries/s with p99 <= 100 ms (StreamRuntime, an event per message)",
         ours,
@@ -328,9 +352,15 @@ async def run(
         target=at_least(20_000),
     )
     report.add_runs("raw grpc.aio fan-out saturation, same load and machine", raw, "/s")
+    report.add_runs("raw grpc.aio fan-out on uvloop (the server's loop)", raw_uv, "/s")
     report.add_runs(
         "server / raw grpc.aio saturation",
         [o / r if r else math.nan for o, r in zip(ours, raw, strict=True)],
+        "",
+    )
+    report.add_runs(
+        "server / raw grpc.aio on uvloop saturation",
+        [o / r if r else math.nan for o, r in zip(ours, raw_uv, strict=True)],
         "",
     )
     report.add_runs(
@@ -341,7 +371,9 @@ async def run(
     report.note(
         f"{procs} subscriber processes reading HTTP/2 directly (scripts/bench/h2_subscriber.py); "
         "events appended to the tenants' streams as the publisher does; lag = receive wall "
-        "clock - event's updated_at; raw fan-out: scripts/bench/fanout_reference.py"
+        "clock - event's updated_at; raw fan-out: scripts/bench/fanout_reference.py, on the "
+        "standard library's loop and on uvloop (the server runs on uvloop, its default "
+        "ALGOPLANE_EVENT_LOOP)"
     )
     return report
 

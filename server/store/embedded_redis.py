@@ -16,6 +16,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from server.child_process import ChildProcess
+
 log = logging.getLogger(__name__)
 
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux
@@ -46,7 +48,7 @@ class EmbeddedRedis:
     def __init__(self, *, data_dir: Path, start_timeout_s: float = 15.0) -> None:
         self._dir = (data_dir / "redis").resolve()
         self._timeout = start_timeout_s
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: ChildProcess | None = None
         self._socket = self._socket_path()
 
     @property
@@ -65,12 +67,7 @@ class EmbeddedRedis:
         self._socket.unlink(missing_ok=True)
         binary = find_redis_server()
         log.info("starting embedded redis-server (%s) on %s", binary, self._socket)
-        self._process = await asyncio.create_subprocess_exec(
-            binary,
-            *self._arguments(),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        self._process = ChildProcess.start([binary, *self._arguments()])
         await self._wait_ready()
         return self.url
 
