@@ -253,8 +253,12 @@ def aio_stub(channel: grpc.aio.Channel) -> strategy_pb2_grpc.StrategyServiceAsyn
 
 
 def server_env(redis_url: str, data_dir: Path, addr: str, **extra: str) -> dict[str, str]:
-    """The current environment without any ALGOPLANE_* (ours only), plus the bench settings."""
+    """The current environment without any ALGOPLANE_* (ours only), plus the bench settings.
+    ALGOPLANE_EVENT_LOOP passes through, so that any benchmark can set the server's loop
+    against its default: `ALGOPLANE_EVENT_LOOP=asyncio python -m scripts.bench.<name>`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALGOPLANE_")}
+    if "ALGOPLANE_EVENT_LOOP" in os.environ:
+        env["ALGOPLANE_EVENT_LOOP"] = os.environ["ALGOPLANE_EVENT_LOOP"]
     env["PYTHONPATH"] = str(ROOT)
     env.update(
         ALGOPLANE_REDIS_URL=redis_url,
