@@ -1,8 +1,8 @@
 """The event loop the server's processes run on (`ALGOPLANE_EVENT_LOOP`).
 
 uvloop by default: a stream fan-out is bound by the loop's cost per wakeup and per socket
-callback as much as by grpc.aio's per message, and uvloop's are lower (benchmark 4: the
-bare grpc.aio fan-out spent 18% less CPU per delivery on it). `asyncio` is the standard
+callback as much as by grpc.aio's per message, and uvloop's are lower (a bare grpc.aio
+fan-out spent 12 to 18% less CPU per delivery on it, the server 6%). `asyncio` is the standard
 library's loop, for a platform without uvloop or to rule the loop out when diagnosing.
 """
 
