@@ -56,9 +56,6 @@ class ChildProcess:
         return self._popen.poll()
 
     # These do nothing once it has exited (Popen's own check), so never signal a reused pid.
-    def send_signal(self, signum: int) -> None:
-        self._popen.send_signal(signum)
-
     def terminate(self) -> None:
         self._popen.terminate()
 

@@ -27,13 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"algoplane: {exc}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level, settings.log_format)
+    worker_label = f"engine-worker-{args.index}" if args.command == "engine-worker" else ""
+    logs.configure(settings.log_level, settings.log_format, process=worker_label)
     if args.command == "token":
         return _token(settings, args.sub, args.ttl)
     if args.command == "engine-worker":
-        logs.configure(
-            settings.log_level, settings.log_format, process=f"engine-worker-{args.index}"
-        )
         worker = engine_worker.run(settings, parent_pid=args.parent_pid, index=args.index)
         return event_loop.run(worker, settings.event_loop)
     try:

@@ -12,10 +12,8 @@ intent, and events a dead worker held taken over by the others after
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -108,7 +106,7 @@ class EngineWorkers:
                 self._processes[index] = process
                 self._metrics.engine_workers.set(len(self._processes))
                 if self._stopping:  # stop() began while this one was starting
-                    process.send_signal(signal.SIGTERM)
+                    process.terminate()
                 log.info("engine worker %d started (pid %d)", index, process.pid)
                 code = await process.wait()
                 del self._processes[index]
@@ -134,8 +132,7 @@ class EngineWorkers:
         self._stopping = True
         processes = list(self._processes.values())
         for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
+            process.terminate()
         if processes:
             _, late = await asyncio.wait(
                 [asyncio.ensure_future(p.wait()) for p in processes], timeout=grace_s + _CLOSE_S
@@ -143,9 +140,7 @@ class EngineWorkers:
             if late:
                 log.warning("%d engine worker(s) did not stop in time: killed", len(late))
                 for process in processes:
-                    if process.returncode is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            process.kill()
+                    process.kill()  # nothing once it has exited
                 await asyncio.gather(*(p.wait() for p in processes))
         await cancel_and_wait(self._tasks)
         self._tasks = []

