@@ -10,7 +10,7 @@ flow control holds it back).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
 from server.errors import InvalidArgument, OutOfRange, Unavailable
 from server.fanout import Encode, Encoded, TenantFeed, encode
@@ -33,57 +33,30 @@ class EventStreams:
         self._block_ms = block_ms
         self._batch = batch
         self._buffer = buffer
-        self._closing = False
+        self.closing = False
         self._feeds: dict[tuple[StreamKind, str], TenantFeed] = {}
 
     def close(self) -> None:
         """Ends every open subscription with UNAVAILABLE (the client resumes elsewhere)."""
-        self._closing = True
+        self.closing = True
         for feed in self._feeds.values():
             feed.wake()
 
-    async def events(
-        self,
-        kind: StreamKind,
-        tenant: str,
-        strategy_id: str,
-        after_event_id: str,
-        on_start: Callable[[str], Awaitable[None]] | None = None,
-    ) -> AsyncGenerator[list[Encoded]]:
-        """The encoded events after the start position, in order, as many at a time as have
-        arrived; the start position is given to `on_start` (as an event_id to resume after)
-        once it is fixed."""
+    async def subscribe(
+        self, kind: StreamKind, tenant: str, strategy_id: str, after_event_id: str
+    ) -> Subscription:
+        """A subscription to the events after the start position (empty after_event_id: the
+        stream's current end); close it when the call ends."""
         position, last = await self._start(kind, tenant, after_event_id)
-        if on_start is not None:
-            await on_start(format_stream_id(position))
-        feed = self._subscribe(kind, tenant, last)
-        try:
-            while True:
-                changed = feed.changed
-                if self._closing:
-                    raise Unavailable("server is shutting down; resume with after_event_id")
-                if feed.error is not None:
-                    raise Unavailable(f"event stream unavailable ({feed.error}); resume later")
-                items = feed.after(position)
-                if items is None:  # behind the shared buffer: catch up from Redis
-                    items = await self._catch_up(kind, tenant, position)
-                if not items:
-                    # close() wakes every feed, so this wait needs no second waiter.
-                    await changed.wait()
-                    continue
-                position = items[-1].position
-                if strategy_id:
-                    items = [i for i in items if i.strategy_id == strategy_id]
-                if items:
-                    yield items
-        finally:
-            await self._unsubscribe(kind, tenant, feed)
+        return Subscription(
+            self, kind, tenant, strategy_id, position, self._subscribe(kind, tenant, last)
+        )
 
     async def _start(
         self, kind: StreamKind, tenant: str, after_event_id: str
     ) -> tuple[StreamId, StreamId]:
         """The subscriber's start position and the stream's last id."""
-        if self._closing:
+        if self.closing:
             raise Unavailable("server is shutting down")
         bounds = await self._state.stream_bounds(kind, tenant)
         if not after_event_id:
@@ -113,15 +86,80 @@ class EventStreams:
         feed.subscribers += 1
         return feed
 
-    async def _unsubscribe(self, kind: StreamKind, tenant: str, feed: TenantFeed) -> None:
+    async def unsubscribe(self, kind: StreamKind, tenant: str, feed: TenantFeed) -> None:
         feed.subscribers -= 1
         if feed.subscribers == 0:
             if self._feeds.get((kind, tenant)) is feed:
                 del self._feeds[(kind, tenant)]
             await feed.stop()
 
-    async def _catch_up(self, kind: StreamKind, tenant: str, position: StreamId) -> list[Encoded]:
+    async def catch_up(self, kind: StreamKind, tenant: str, position: StreamId) -> list[Encoded]:
         batch = await self._state.read_events(
             kind, tenant, position, block_ms=None, count=self._batch
         )
         return [encode(p, fields, self._encoders[kind]) for p, fields in batch]
+
+
+class Subscription:
+    """One subscriber's place in a tenant's events. A plain object with a `next` coroutine
+    rather than an async generator, which cost more per delivery (its asend machinery and
+    aclosing; scripts/bench/stream_path.py); the stream call closes it in its `finally`."""
+
+    __slots__ = (
+        "_feed",
+        "_kind",
+        "_position",
+        "_strategy_id",
+        "_streams",
+        "_tenant",
+        "start_after",
+    )
+
+    def __init__(
+        self,
+        streams: EventStreams,
+        kind: StreamKind,
+        tenant: str,
+        strategy_id: str,
+        position: StreamId,
+        feed: TenantFeed,
+    ) -> None:
+        self._streams = streams
+        self._kind = kind
+        self._tenant = tenant
+        self._strategy_id = strategy_id
+        self._position = position
+        self._feed: TenantFeed | None = feed
+        # The event_id the subscription starts after: a client that drops before the first
+        # event resumes exactly from it.
+        self.start_after = format_stream_id(position)
+
+    async def next(self) -> list[Encoded]:
+        """The next encoded events, in order, as many as have arrived (at least one)."""
+        feed, streams = self._feed, self._streams
+        if feed is None:
+            raise RuntimeError("subscription is closed")
+        while True:
+            # Taken before looking, so that a wake-up between the look and the wait is kept.
+            changed = feed.changed
+            if streams.closing:
+                raise Unavailable("server is shutting down; resume with after_event_id")
+            if feed.error is not None:
+                raise Unavailable(f"event stream unavailable ({feed.error}); resume later")
+            items = feed.after(self._position)
+            if items is None:  # behind the shared buffer: catch up from Redis
+                items = await streams.catch_up(self._kind, self._tenant, self._position)
+            if not items:
+                # close() wakes every feed, so this wait needs no second waiter.
+                await changed.wait()
+                continue
+            self._position = items[-1].position
+            if self._strategy_id:
+                items = [i for i in items if i.strategy_id == self._strategy_id]
+            if items:
+                return items
+
+    async def close(self) -> None:
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            await self._streams.unsubscribe(self._kind, self._tenant, feed)

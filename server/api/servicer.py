@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -128,33 +127,28 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
         if strategy_id:
             await self._manager.check_owner(owner, strategy_id)
 
-        async def announce(start_after: str) -> None:
+        subscription = await self._streams.subscribe(kind, owner, strategy_id, after_event_id)
+        writer = self._stalls.watch()
+        try:
             # Headers go out at once with the position the stream starts after: a client
             # knows the stream is established, and can resume exactly even if it drops
             # before the first event.
-            await context.send_initial_metadata(((START_AFTER_HEADER, start_after),))
-
-        events = self._streams.events(kind, owner, strategy_id, after_event_id, announce)
-        writer = self._stalls.watch()
-        try:
-            # aclosing: the subscription ends with the call, not whenever the generator is
-            # collected.
-            async with contextlib.aclosing(events):
-                async for items in events:
-                    # Batched, every event that has arrived goes in one write: grpc.aio's
-                    # cost per message, not ours per event, is what bounds a fan-out.
-                    messages = (
-                        [
-                            b"".join(item.element for item in items[at : at + BATCH_MAX])
-                            for at in range(0, len(items), BATCH_MAX)
-                        ]
-                        if batched
-                        else [item.payload for item in items]
-                    )
-                    for message in messages:
+            await context.send_initial_metadata(((START_AFTER_HEADER, subscription.start_after),))
+            while True:
+                items = await subscription.next()
+                # Batched, every event that has arrived goes in one write: grpc.aio's cost
+                # per message, not ours per event, is what bounds a fan-out.
+                if batched:
+                    for at in range(0, len(items), BATCH_MAX):
                         writer.since = time.monotonic()
-                        await context.write(message)
-                    writer.since = None
+                        await context.write(
+                            b"".join(item.element for item in items[at : at + BATCH_MAX])
+                        )
+                else:
+                    for item in items:
+                        writer.since = time.monotonic()
+                        await context.write(item.payload)
+                writer.since = None
         except asyncio.CancelledError:
             if not writer.cut_off():
                 raise
@@ -164,6 +158,7 @@ class StrategyServicer(strategy_pb2_grpc.StrategyServiceServicer):
             ) from None
         finally:
             self._stalls.unwatch(writer)
+            await subscription.close()
 
 
 def encode_runtime_event(event_id: str, fields: Flat) -> bytes:
