@@ -126,6 +126,21 @@ async def _subscribe(
 # ----------------------------------------------------------------------------- load
 
 
+def runtime_event(tenant: str, strategy_id: str, version: int) -> Flat:
+    """A runtime event's fields as the publisher appends them, stamped now (the lag's start)."""
+    runtime = Runtime(
+        strategy_id=strategy_id,
+        tenant=tenant,
+        symbol="FAN",
+        status=StrategyStatus.RUNNING,
+        position=Position.BOUGHT,
+        version=version,
+        run=1,
+        updated_at=datetime.now(UTC),
+    )
+    return runtime_to_flat(runtime)
+
+
 async def _publish(state: RedisState, tenants: int, rate: int, seconds: float) -> int:
     """`rate` runtime events/s over all tenants, round robin, in 1 ms slices; each slice's
     events go to Redis in one pipeline (as the server's publisher sends a batch), so that
@@ -140,17 +155,9 @@ async def _publish(state: RedisState, tenants: int, rate: int, seconds: float) -
         while sent < target:
             version += 1
             tenant = _tenant(sent % tenants)
-            runtime = Runtime(
-                strategy_id=f"s-{tenant}-{sent % 4}",
-                tenant=tenant,
-                symbol="FAN",
-                status=StrategyStatus.RUNNING,
-                position=Position.BOUGHT,
-                version=version,
-                run=1,
-                updated_at=datetime.now(UTC),
+            events.append(
+                ("runtime", tenant, runtime_event(tenant, f"s-{tenant}-{sent % 4}", version))
             )
-            events.append(("runtime", tenant, runtime_to_flat(runtime)))
             sent += 1
         await state.put_written([], events_after=events)
         await asyncio.sleep(0.001)

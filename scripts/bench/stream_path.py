@@ -25,6 +25,7 @@ from typing import Any, cast, get_args
 
 from protos.algoplane.v1 import strategy_pb2 as pb
 from scripts.bench.harness import Report, machine, print_report
+from scripts.bench.stream_fanout import runtime_event
 from server import event_loop
 from server.api.auth import TokenVerifier, mint_token
 from server.api.interceptors import (
@@ -35,9 +36,8 @@ from server.api.interceptors import (
     MetricsInterceptor,
 )
 from server.api.servicer import ENCODERS, StrategyServicer, encode_runtime_event
-from server.domain import Position, Runtime, StrategyStatus
 from server.metrics import Metrics
-from server.store.codec import Flat, runtime_to_flat
+from server.store.codec import Flat
 from server.store.keys import StreamKind
 from server.store.state import RedisState, StreamBounds, StreamId
 from server.streams import EventStreams
@@ -103,20 +103,6 @@ class _Context:
         self._tally.add()
 
 
-def _event(n: int) -> Flat:
-    runtime = Runtime(
-        strategy_id=f"s-{n % 4}",
-        tenant=TENANT,
-        symbol="FAN",
-        status=StrategyStatus.RUNNING,
-        position=Position.BOUGHT,
-        version=n,
-        run=1,
-        updated_at=datetime.now(UTC),
-    )
-    return runtime_to_flat(runtime)
-
-
 async def _deliver(events: int, publish: Callable[[int], None], tally: _Tally) -> float:
     """CPU µs per delivery, from the first event until every subscriber wrote every event."""
     await asyncio.sleep(0.01)  # the subscribers reach their first wait
@@ -158,7 +144,7 @@ async def _ours(events: int) -> float:
     calls: list[asyncio.Task[Any]] = [
         asyncio.create_task(_call(call, pb.StreamRuntimeRequest(), c)) for c in contexts
     ]
-    fields = [_event(n) for n in range(events + 1)]
+    fields = [runtime_event(TENANT, f"s-{n % 4}", n) for n in range(events + 1)]
     try:
         return await _deliver(
             events, lambda n: source.events.put_nowait([((n, 0), fields[n])]), tally
@@ -179,7 +165,7 @@ async def _queues(events: int) -> float:
             await context.write(await queue.get())
 
     tasks = [asyncio.create_task(subscriber(c, q)) for c, q in zip(contexts, queues, strict=True)]
-    fields = [_event(n) for n in range(events + 1)]
+    fields = [runtime_event(TENANT, f"s-{n % 4}", n) for n in range(events + 1)]
 
     def publish(n: int) -> None:
         payload = encode_runtime_event(f"{n}-0", fields[n])
