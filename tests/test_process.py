@@ -33,7 +33,11 @@ class ServerProcess:
     lines: list[str] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, env: dict[str, str], cwd: Path, log: Path) -> ServerProcess:
+    async def start(
+        cls, env: dict[str, str], cwd: Path, log: Path, *, own_group: bool = False
+    ) -> ServerProcess:
+        """`own_group`: the server leads a process group of its own, as a terminal's
+        foreground job does, so that a test can signal the whole group."""
         with log.open("ab") as stderr:
             process = await asyncio.create_subprocess_exec(
                 PYTHON,
@@ -44,6 +48,7 @@ class ServerProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
+                start_new_session=own_group,
             )
         return cls(process, log)
 
@@ -291,3 +296,31 @@ async def test_a_killed_servers_output_ends_though_its_redis_lives_on(tmp_path: 
         if redis_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(redis_pid, signal.SIGKILL)
+
+
+async def test_ctrl_c_to_the_servers_group_leaves_its_redis_to_the_server(tmp_path: Path) -> None:
+    # A terminal's Ctrl-C signals the whole foreground process group. redis-server stops at
+    # once on SIGINT, and the server still needs it while it finishes the orders in hand:
+    # the server alone stops it, last, with SIGTERM.
+    data = tmp_path / "data"
+    env = server_env(ALGOPLANE_DATA_DIR=str(data), ALGOPLANE_GRPC_ADDR=f"127.0.0.1:{free_port()}")
+    server = await ServerProcess.start(env, tmp_path, tmp_path / "server.log", own_group=True)
+    redis_pid = 0
+    try:
+        await server.demo_token()
+        redis = Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
+        try:
+            redis_pid = int((await redis.info("server"))["process_id"])
+        finally:
+            await redis.aclose()
+        os.killpg(server.process.pid, signal.SIGINT)
+        assert await server.wait(timeout_s=30) == 0
+        await wait_gone(redis_pid)
+        redis_log = (data / "redis" / "redis.log").read_text()
+        assert "Received SIGTERM" in redis_log
+        assert "Received SIGINT" not in redis_log
+        assert "cannot read the queue" not in server.log.read_text()
+    finally:
+        await server.kill()
+        if redis_pid and alive(redis_pid):
+            os.kill(redis_pid, signal.SIGKILL)

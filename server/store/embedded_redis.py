@@ -66,7 +66,10 @@ class EmbeddedRedis:
         self._socket.unlink(missing_ok=True)
         binary = find_redis_server()
         log.info("starting embedded redis-server (%s) on %s", binary, self._socket)
-        self._process = ChildProcess.start([binary, *self._arguments()])
+        # Its own session: a terminal's Ctrl-C signals the whole foreground process group,
+        # and redis-server stops at once on SIGINT, while the server still needs it to
+        # finish the orders in hand. The server stops it last (stop()).
+        self._process = ChildProcess.start([binary, *self._arguments()], start_new_session=True)
         await self._wait_ready()
         return self.url
 
