@@ -71,7 +71,9 @@ async def serve(settings: Settings) -> int:
     logging.getLogger(__name__).info("starting on %s", event_loop.running())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: a closed terminal hangs up its jobs, and the embedded redis-server, in a
+    # session of its own, is stopped only by a server that shuts down cleanly.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     app = App(settings)
     starting = asyncio.create_task(app.start())

@@ -298,10 +298,13 @@ async def test_a_killed_servers_output_ends_though_its_redis_lives_on(tmp_path: 
                 os.kill(redis_pid, signal.SIGKILL)
 
 
-async def test_ctrl_c_to_the_servers_group_leaves_its_redis_to_the_server(tmp_path: Path) -> None:
-    # A terminal's Ctrl-C signals the whole foreground process group. redis-server stops at
-    # once on SIGINT, and the server still needs it while it finishes the orders in hand:
-    # the server alone stops it, last, with SIGTERM.
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl_c", "hangup"])
+async def test_a_signal_to_the_servers_group_leaves_its_redis_to_the_server(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # A terminal's Ctrl-C (or its closing: SIGHUP) signals the whole foreground process
+    # group. redis-server stops at once on SIGINT, and the server still needs it while it
+    # finishes the orders in hand: the server alone stops it, last, with SIGTERM.
     data = tmp_path / "data"
     env = server_env(ALGOPLANE_DATA_DIR=str(data), ALGOPLANE_GRPC_ADDR=f"127.0.0.1:{free_port()}")
     server = await ServerProcess.start(env, tmp_path, tmp_path / "server.log", own_group=True)
@@ -313,7 +316,7 @@ async def test_ctrl_c_to_the_servers_group_leaves_its_redis_to_the_server(tmp_pa
             redis_pid = int((await redis.info("server"))["process_id"])
         finally:
             await redis.aclose()
-        os.killpg(server.process.pid, signal.SIGINT)
+        os.killpg(server.process.pid, sig)
         assert await server.wait(timeout_s=30) == 0
         await wait_gone(redis_pid)
         redis_log = (data / "redis" / "redis.log").read_text()
