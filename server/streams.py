@@ -106,6 +106,7 @@ class Subscription:
     aclosing; scripts/bench/stream_path.py); the stream call closes it in its `finally`."""
 
     __slots__ = (
+        "_closed",
         "_feed",
         "_kind",
         "_position",
@@ -129,7 +130,8 @@ class Subscription:
         self._tenant = tenant
         self._strategy_id = strategy_id
         self._position = position
-        self._feed: TenantFeed | None = feed
+        self._feed = feed
+        self._closed = False
         # The event_id the subscription starts after: a client that drops before the first
         # event resumes exactly from it.
         self.start_after = format_stream_id(position)
@@ -137,8 +139,6 @@ class Subscription:
     async def next(self) -> list[Encoded]:
         """The next encoded events, in order, as many as have arrived (at least one)."""
         feed, streams = self._feed, self._streams
-        if feed is None:
-            raise RuntimeError("subscription is closed")
         while True:
             # Taken before looking, so that a wake-up between the look and the wait is kept.
             changed = feed.changed
@@ -160,6 +160,6 @@ class Subscription:
                 return items
 
     async def close(self) -> None:
-        feed, self._feed = self._feed, None
-        if feed is not None:
-            await self._streams.unsubscribe(self._kind, self._tenant, feed)
+        if not self._closed:
+            self._closed = True
+            await self._streams.unsubscribe(self._kind, self._tenant, self._feed)

@@ -1,39 +1,13 @@
-"""TenantFeed's buffer and its Wakeup, in process (the streams over gRPC and Redis are in
+"""TenantFeed's buffer, in process (the streams over gRPC and Redis are in
 test_streams.py and test_stream_backpressure.py)."""
 
 from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-from server.fanout import Encoded, TenantFeed, Wakeup
+from server.fanout import Encoded, TenantFeed
 from server.store.codec import Flat
 from server.store.state import StreamId
-
-
-async def test_a_wakeup_wakes_every_waiter_and_later_waits_return_at_once() -> None:
-    wakeup = Wakeup()
-    waiters = [asyncio.create_task(wakeup.wait()) for _ in range(3)]
-    await asyncio.sleep(0)
-    assert not any(w.done() for w in waiters)
-    wakeup.set()
-    await asyncio.wait_for(asyncio.gather(*waiters), timeout=1)
-    await asyncio.wait_for(wakeup.wait(), timeout=1)
-
-
-async def test_a_cancelled_waiter_leaves_the_others_waiting_and_is_not_kept() -> None:
-    wakeup = Wakeup()
-    leaving = asyncio.create_task(wakeup.wait())
-    staying = asyncio.create_task(wakeup.wait())
-    await asyncio.sleep(0)
-    leaving.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await leaving
-    assert len(wakeup._waiters) == 1  # an idle feed does not pile up its callers' futures
-    assert not staying.done()
-    wakeup.set()
-    await asyncio.wait_for(staying, timeout=1)
 
 
 def _feed_reading(batches: asyncio.Queue[list[tuple[StreamId, Flat]]], capacity: int) -> TenantFeed:

@@ -95,6 +95,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+async def embedded_redis_pid(data: Path) -> int:
+    """The pid of the redis-server the server started in its data dir."""
+    redis = Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
+    try:
+        return int((await redis.info("server"))["process_id"])
+    finally:
+        await redis.aclose()
+
+
 async def wait_gone(pid: int, timeout_s: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -283,11 +292,7 @@ async def test_a_killed_servers_output_ends_though_its_redis_lives_on(tmp_path: 
     redis_pid = 0
     try:
         await server.demo_token()
-        redis = Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
-        try:
-            redis_pid = int((await redis.info("server"))["process_id"])
-        finally:
-            await redis.aclose()
+        redis_pid = await embedded_redis_pid(data)
         server.process.kill()
         assert await server.wait(timeout_s=10) == -signal.SIGKILL  # stdout read to its end
         assert alive(redis_pid)
@@ -311,11 +316,7 @@ async def test_a_signal_to_the_servers_group_leaves_its_redis_to_the_server(
     redis_pid = 0
     try:
         await server.demo_token()
-        redis = Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
-        try:
-            redis_pid = int((await redis.info("server"))["process_id"])
-        finally:
-            await redis.aclose()
+        redis_pid = await embedded_redis_pid(data)
         os.killpg(server.process.pid, sig)
         assert await server.wait(timeout_s=30) == 0
         await wait_gone(redis_pid)

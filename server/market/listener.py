@@ -135,8 +135,6 @@ class MarketListener:
     async def _read_forever(self) -> None:
         attempt = 0
         while True:
-            if cancel_requested():  # swallowed by a library as the feed closed
-                raise asyncio.CancelledError
             try:
                 async with connect(
                     self._url, open_timeout=10, max_size=MAX_MESSAGE_BYTES, ping_interval=20
@@ -144,10 +142,10 @@ class MarketListener:
                     attempt = 0
                     await self._session(ws)
             except (OSError, TimeoutError, WebSocketException) as exc:
-                if cancel_requested():  # a library turned our cancel into its own error
-                    raise asyncio.CancelledError from exc
                 log.warning("feed %s: %s", self._url, exc or type(exc).__name__)
             self._set_connected(False)
+            if cancel_requested():  # a library turned our cancel into an error or a close
+                raise asyncio.CancelledError
             self.stats["reconnects"] += 1
             await asyncio.sleep(backoff_delay(attempt, self._max_backoff, self._rng))
             attempt += 1
