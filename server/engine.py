@@ -247,6 +247,12 @@ class ExecutionEngine:
             self._run_here(taken, tokens)
         return True
 
+    async def exits_ended(self, limit_s: float) -> None:
+        """Returns once the exits running here now (submit_exit) have ended, or after
+        `limit_s`: the stop-loss guard's bookkeeping waits for them."""
+        if self._exits_here:
+            await asyncio.wait(set(self._exits_here), timeout=limit_s)
+
     def _run_here(self, delivery: Delivery, tokens: dict[str, str]) -> None:
         task = asyncio.create_task(self._run_taken(delivery, tokens))
         self._exits_here.add(task)

@@ -60,6 +60,7 @@ async def close_connections(
 ) -> None:
     """Once the engine has stopped: its pool, then Redis, then the DB (whichever opened)."""
     if wiring is not None:
+        await wiring.guard.stop()
         await wiring.engine_redis.aclose()
     if state is not None:
         await state.close()
@@ -108,7 +109,7 @@ def wire_engine(
         cancel_timers=cancel_timers,
         metrics=metrics,
     )
-    guard.submit_with(engine.submit_exit)
+    guard.submit_with(engine.submit_exit, engine.exits_ended)
     return EngineWiring(engine, queue, locks, publisher, index, guard, engine_redis)
 
 

@@ -106,6 +106,8 @@ async def test_breaching_tick_exits_by_stop_loss_ahead_of_sell(
                 break
         assert (pb.ORDER_KIND_STOPLOSS, pb.ORDER_STATUS_SUBMITTED) in seen
         assert await h.redis.zcard("symbol:{SBIN}:stoploss") == 0
+        # The trigger's marker, kept until its exit was queued, is cleared (after the exit).
+        assert await h.redis.hlen("symbol:{SBIN}:stoploss:fired") == 0
 
 
 async def test_only_breached_fire_and_repeats_fire_once(

@@ -68,7 +68,7 @@ async def test_disarm_and_hand_over(redis: Redis) -> None:
     await index.disarm_all([("SBIN", "a", Decimal("95"))])
     assert await index.armed_ids("SBIN") == ["b"]
     assert ids(await index.tick("SBIN", Decimal("10"))) == ["b"]
-    await index.handed_over("SBIN", "b")
+    await index.handed_over("SBIN", ["b"])
     assert await index.fired("SBIN") == []
 
 

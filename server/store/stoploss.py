@@ -95,8 +95,9 @@ class StopLossIndex:
         """Triggers not yet handed to the queue (a crash came between)."""
         return [Fired(str(k)) for k in await self._redis.hkeys(keys.stoploss_fired(symbol))]
 
-    async def handed_over(self, symbol: str, strategy_id: str) -> None:
-        await self._redis.hdel(keys.stoploss_fired(symbol), strategy_id)
+    async def handed_over(self, symbol: str, strategy_ids: list[str]) -> None:
+        """Clears the fired markers of triggers whose exits are queued: one round trip."""
+        await self._redis.hdel(keys.stoploss_fired(symbol), *strategy_ids)
 
     async def armed_count(self, symbol: str) -> int:
         return int(await self._redis.zcard(keys.stoploss_armed(symbol)))
