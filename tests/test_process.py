@@ -328,3 +328,75 @@ async def test_a_signal_to_the_servers_group_leaves_its_redis_to_the_server(
         await server.kill()
         if redis_pid and alive(redis_pid):
             os.kill(redis_pid, signal.SIGKILL)
+
+
+async def test_a_start_after_kill_9_stops_the_orphaned_redis_and_keeps_its_data(
+    tmp_path: Path,
+) -> None:
+    # A server killed outright leaves its embedded redis-server running (a session of its
+    # own). The next start in that data dir shuts it down, which writes its AOF out, and
+    # starts its own on the same files: the hot state is still there.
+    data = tmp_path / "data"
+    port = free_port()
+    env = server_env(ALGOPLANE_DATA_DIR=str(data), ALGOPLANE_GRPC_ADDR=f"127.0.0.1:{port}")
+    server = await ServerProcess.start(env, tmp_path, tmp_path / "server.log")
+    pids: list[int] = []
+    try:
+        token = await server.demo_token()
+        pids.append(await embedded_redis_pid(data))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            started = await aio_stub(channel).StartStrategy(
+                pb.StartStrategyRequest(spec=spec(symbol="HOT")), metadata=md(token)
+            )
+        server.process.kill()
+        assert await server.wait() == -signal.SIGKILL
+        assert alive(pids[0])
+
+        server = await ServerProcess.start(env, tmp_path, tmp_path / "server2.log")
+        await server.demo_token()
+        await wait_gone(pids[0])
+        pids.append(await embedded_redis_pid(data))
+        assert pids[1] != pids[0]
+        assert f"a redis-server (pid {pids[0]}) still serves" in server.log.read_text()
+        redis = Redis(unix_socket_path=str(data / "redis" / "redis.sock"), decode_responses=True)
+        try:
+            assert await redis.smembers("symbol:{HOT}:strategies") == {started.strategy_id}
+        finally:
+            await redis.aclose()
+        server.process.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+        await wait_gone(pids[1])
+    finally:
+        await server.kill()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_second_server_on_a_live_servers_data_dir_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first_env = server_env(
+        ALGOPLANE_DATA_DIR=str(data), ALGOPLANE_GRPC_ADDR=f"127.0.0.1:{free_port()}"
+    )
+    first = await ServerProcess.start(first_env, tmp_path, tmp_path / "first.log")
+    redis_pid = 0
+    try:
+        await first.demo_token()
+        redis_pid = await embedded_redis_pid(data)
+        second_env = {**first_env, "ALGOPLANE_GRPC_ADDR": f"127.0.0.1:{free_port()}"}
+        second = await ServerProcess.start(second_env, tmp_path, tmp_path / "second.log")
+        try:
+            assert await second.wait(timeout_s=30) != 0
+        finally:
+            await second.kill()
+        refusal = (tmp_path / "second.log").read_text()
+        assert f"data dir in use: the algoplane server with pid {first.process.pid}" in refusal
+        # The first one's Redis was left alone.
+        assert await embedded_redis_pid(data) == redis_pid
+        first.process.send_signal(signal.SIGTERM)
+        assert await first.wait() == 0
+        await wait_gone(redis_pid)
+    finally:
+        await first.kill()
+        if redis_pid and alive(redis_pid):
+            os.kill(redis_pid, signal.SIGKILL)
