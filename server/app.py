@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 # Every this many timer-sync rounds the sync reads every live strategy; the rounds between
 # read only what changed.
 _FULL_SYNC_EVERY = 12
+# Bounds App.abandon(): the embedded redis-server's stop is SIGTERM, 10 s, then SIGKILL.
+_ABANDON_REDIS_S = 15.0
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 
@@ -397,6 +399,15 @@ class App:
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.close)
             self._metrics_server = None
+
+    async def abandon(self) -> None:
+        """After a stop that was given up on: the embedded redis-server is stopped all the
+        same (SIGTERM, then SIGKILL: stop() bounds it), so the next start finds no orphan."""
+        if self._embedded is not None:
+            try:
+                await asyncio.wait_for(self._embedded.stop(), _ABANDON_REDIS_S)
+            except Exception as exc:  # noqa: BLE001 - exiting anyway; the next start copes
+                log.error("could not stop the embedded redis-server: %s", exc)
 
     async def _stop_api(self) -> None:
         if self._health is not None:

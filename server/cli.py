@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 from datetime import timedelta
@@ -16,6 +17,7 @@ from server.api.auth import mint_token, parse_ttl
 from server.app import App, load_or_create_secret
 from server.clock import SystemClock
 from server.config import Settings, SettingsError, load_settings
+from server.shutdown import shutdown_deadline, stop_within
 
 DEMO_TENANT = "demo"
 
@@ -70,11 +72,16 @@ def _token(settings: Settings, tenant: str, ttl_text: str) -> int:
 async def serve(settings: Settings) -> int:
     logging.getLogger(__name__).info("starting on %s", event_loop.running())
     stop = asyncio.Event()
+    again = asyncio.Event()  # a signal while stopping: give up on the rest
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        (again if stop.is_set() else stop).set()
+
     # SIGHUP too: a closed terminal hangs up its jobs, and the embedded redis-server, in a
     # session of its own, is stopped only by a server that shuts down cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     app = App(settings)
     starting = asyncio.create_task(app.start())
     stopping = asyncio.create_task(stop.wait())
@@ -83,15 +90,13 @@ async def serve(settings: Settings) -> int:
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await starting
-        await app.stop()
-        return 0
+        return await _stop(app, settings, again, 0)
     try:
         running = starting.result()
     except Exception as exc:  # noqa: BLE001 - any start failure is reported in one line
-        stopping.cancel()
-        await app.stop()
+        stop.set()
         print(f"algoplane: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return await _stop(app, settings, again, 1)
     # What startup built (modules, the ORM's metadata, recovered state) lives as long as the
     # process; out of the collector's generations, a full collection no longer walks it,
     # which showed as pauses of tens of ms in stream delivery.
@@ -99,8 +104,19 @@ async def serve(settings: Settings) -> int:
     _announce(settings, running.port, running.jwt_secret, running.secret_generated)
     await stopping
     logging.getLogger(__name__).info("shutting down")
-    await app.stop()
-    return 0
+    return await _stop(app, settings, again, 0)
+
+
+async def _stop(app: App, settings: Settings, again: asyncio.Event, code: int) -> int:
+    """app.stop(), bounded (server.shutdown). Given up on, the embedded redis-server is
+    still stopped (it writes its AOF out), and the process exits at once with 1: what did
+    not stop would also hold up the loop's own teardown."""
+    if await stop_within(app.stop, shutdown_deadline(settings.shutdown_grace_s), again):
+        return code
+    await app.abandon()
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def _announce(settings: Settings, port: int, secret: str, generated: bool) -> None:

@@ -19,7 +19,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from protos.algoplane.v1 import strategy_pb2 as pb
 from server import event_loop
 from server.config import SettingsError, load_settings
-from tests.support import PYTHON, aio_stub, blocked_stream_readers, free_port, server_env, spec
+from tests.support import (
+    PYTHON,
+    aio_stub,
+    blocked_stream_readers,
+    free_port,
+    redis_process,
+    server_env,
+    spec,
+)
 
 START_TIMEOUT_S = 30.0
 
@@ -400,3 +408,50 @@ async def test_a_second_server_on_a_live_servers_data_dir_is_refused(tmp_path: P
         await first.kill()
         if redis_pid and alive(redis_pid):
             os.kill(redis_pid, signal.SIGKILL)
+
+
+async def test_a_second_signal_while_stopping_gives_up_and_says_what_was_still_running(
+    tmp_path: Path,
+) -> None:
+    # A call stuck on a frozen Redis holds the stop in its grace period (60 s here); a
+    # second SIGTERM ends the wait: the tasks still running are logged and the server exits
+    # at once with 1, instead of hanging until someone kills it.
+    with redis_process(tmp_path / "redis") as redis_proc:
+        port = free_port()
+        env = server_env(
+            ALGOPLANE_REDIS_URL=redis_proc.url,
+            ALGOPLANE_DATA_DIR=str(tmp_path / "data"),
+            ALGOPLANE_GRPC_ADDR=f"127.0.0.1:{port}",
+            ALGOPLANE_REDIS_TIMEOUT_S="60",
+            ALGOPLANE_SHUTDOWN_GRACE_S="60",
+        )
+        server = await ServerProcess.start(env, tmp_path, tmp_path / "server.log")
+        assert redis_proc.process is not None
+        redis_pid = redis_proc.process.pid
+        try:
+            token = await server.demo_token()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = aio_stub(channel)
+                started = await stub.StartStrategy(
+                    pb.StartStrategyRequest(spec=spec(symbol="HOT")), metadata=md(token)
+                )
+                os.kill(redis_pid, signal.SIGSTOP)
+                stuck = asyncio.ensure_future(
+                    stub.GetRuntime(
+                        pb.GetRuntimeRequest(strategy_id=started.strategy_id), metadata=md(token)
+                    )
+                )
+                await asyncio.sleep(0.5)
+                assert not stuck.done()
+                server.process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(2.0)
+                assert server.process.returncode is None  # waiting for the stuck call
+                server.process.send_signal(signal.SIGTERM)
+                assert await server.wait(timeout_s=20) == 1
+                stuck.cancel()
+            log = server.log.read_text()
+            assert "shutdown gave up (a second signal came); still running: " in log
+            assert "shutdown gave up; the stop itself was at: " in log
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+            await server.kill()
