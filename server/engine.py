@@ -264,8 +264,11 @@ class ExecutionEngine:
         except Exception as exc:  # noqa: BLE001 - Redis away before it began: the slow path
             log.warning("exit %s failed (%s); running it alone", delivery.entry_id, exc)
             careful = [delivery]
+        # On the per-event path, still in this task: it is the exit running here until it
+        # ends (a trigger re-checked at its BUY's fill waits for the BUY's lock this way).
         for left in careful:
-            await self._beside(left)
+            await self._busy.acquire()
+            await self._handle_and_release(left)
 
     async def _handle_and_release(self, delivery: Delivery) -> None:
         try:

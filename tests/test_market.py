@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.exceptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -190,6 +192,30 @@ async def test_stop_loss_during_an_in_flight_buy_exits_right_after_the_fill(
             client_order_id(sid, 1, Intent.BUY),
             client_order_id(sid, 1, Intent.STOPLOSS),
         ]
+
+
+async def test_a_stop_loss_breached_at_the_fill_is_cleared_and_logged_after_its_exit(
+    redis_proc: RedisProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The price is below the stop-loss when the BUY fills: the re-check at arming fires it,
+    # and its exit waits for the BUY's lock on the per-event path. The trigger's bookkeeping
+    # (its log line, clearing its marker) waits for that exit to end, as for any exit run here.
+    caplog.set_level(logging.INFO)
+    async with market(redis_proc, tmp_path) as (h, feed):
+        sid = await start_precise(h, buy_in=0.8, hold=30)
+        await subscribed(feed, "SBIN")
+        await feed.push("SBIN", "90")
+        await price_is(h, "SBIN", "90")
+        await reaches(h, sid, pb.STRATEGY_STATUS_COMPLETED)
+        assert (await runtime_of(h, sid)).position == pb.POSITION_EXITED_BY_SL
+
+        async def cleared() -> bool:
+            return bool(await h.redis.hlen("symbol:{SBIN}:stoploss:fired") == 0)
+
+        await eventually(cleared, timeout_s=5)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("server.")]
+    sl_filled = said.index(f"order {client_order_id(sid, 1, Intent.STOPLOSS)} FILLED")
+    assert said.index(f"stop-loss of {sid} breached on SBIN") > sl_filled
 
 
 async def test_stop_loss_and_sell_due_together_give_one_exit(
