@@ -30,6 +30,15 @@ def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProces
         yield proc
 
 
+@pytest.fixture
+async def redis(redis_proc: RedisProcess) -> AsyncIterator[Redis]:
+    """A client of the session's redis-server, emptied for this test."""
+    client = connect(redis_proc.url, timeout_s=10)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
 @dataclass
 class Harness:
     """A running server and what a test needs to talk to it and inspect its state."""

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
@@ -12,16 +9,6 @@ from server.domain import Intent, client_order_id
 from server.store import keys
 from server.store.locks import StrategyLocks
 from server.store.queue import OrderEvent, OrderQueue
-from server.store.state import connect
-from tests.support import RedisProcess
-
-
-@pytest.fixture
-async def redis(redis_proc: RedisProcess) -> AsyncIterator[Redis]:
-    client = connect(redis_proc.url, timeout_s=10)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 def exit_of(strategy_id: str) -> OrderEvent:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
@@ -16,19 +15,10 @@ from server.clock import SystemClock
 from server.domain import Intent, Position, Runtime, StrategyStatus, client_order_id
 from server.stoploss import StopLossGuard
 from server.store.queue import OrderEvent, OrderQueue
-from server.store.state import RedisState, connect
+from server.store.state import RedisState
 from server.store.stoploss import Armed, StopLossIndex
-from tests.support import RedisProcess
 
 FIRED = "symbol:{SBIN}:stoploss:fired"
-
-
-@pytest.fixture
-async def redis(redis_proc: RedisProcess) -> AsyncIterator[Redis]:
-    client = connect(redis_proc.url, timeout_s=10)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 class Engine:

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
-import pytest
 from redis.asyncio import Redis
 
-from server.store.state import connect
 from server.store.stoploss import Armed, Fired, StopLossIndex
-from tests.support import RedisProcess
-
-
-@pytest.fixture
-async def redis(redis_proc: RedisProcess) -> AsyncIterator[Redis]:
-    client = connect(redis_proc.url, timeout_s=10)
-    await client.flushall()
-    yield client
-    await client.aclose()
 
 
 def ids(fired: list[Fired]) -> list[str]:
