@@ -6,9 +6,9 @@ set), then is enqueued, then cleared; `sweep` re-enqueues what a crash left in b
 enqueue-once makes that safe. So a trigger is never lost and never fires twice.
 
 Clearing the fired marker and the trigger's log line wait until the exits this process runs
-have reached the broker. They are Python work on the event loop, and an exit's intent commit
-runs on a DB thread that needs the interpreter lock while the loop holds it: done at once
-they held up every exit by about 0.3 ms of its 2 ms from tick to broker.
+have ended (at most a second). They are Python work on the event loop, and an exit's intent
+commit runs on a DB thread that needs the interpreter lock while the loop holds it: done at
+once they held up every exit by 0.2 to 0.3 ms of its 2 ms from tick to broker.
 """
 
 from __future__ import annotations
