@@ -48,9 +48,6 @@ class StopLossGuard:
         self._clock = clock
         self._submit: Callable[[OrderEvent], Awaitable[bool]] = queue.enqueue_retrying
         self._exits_ended: ExitsEnded = _no_exits_here
-        # symbol -> strategy ids handed over whose fired markers are not cleared yet: the
-        # sweep leaves them alone (they are queued, not lost).
-        self._clearing: dict[str, set[str]] = {}
         self._bookkeeping: set[asyncio.Task[None]] = set()
 
     def submit_with(
@@ -92,10 +89,11 @@ class StopLossGuard:
         return len(fired)
 
     async def sweep(self, symbols: set[str]) -> None:
-        """Hands over triggers a crash left between firing and enqueueing."""
+        """Hands over triggers a crash left between firing and enqueueing. The bookkeeping in
+        flight goes first: the markers it is about to clear are queued, not lost."""
+        await self._bookkeeping_done()
         for symbol in symbols:
-            clearing = self._clearing.get(symbol, set())
-            pending = [f for f in await self._index.fired(symbol) if f.strategy_id not in clearing]
+            pending = await self._index.fired(symbol)
             if pending:
                 log.warning("re-enqueueing %d stop-loss triggers on %s", len(pending), symbol)
                 await self.hand_over(symbol, pending)
@@ -113,7 +111,6 @@ class StopLossGuard:
                 exits.append(event)
             handed.append(trigger.strategy_id)
         if handed:
-            self._clearing.setdefault(symbol, set()).update(handed)
             task = asyncio.create_task(self._clear(symbol, handed, exits))
             self._bookkeeping.add(task)
             task.add_done_callback(self._bookkeeping.discard)
@@ -127,15 +124,13 @@ class StopLossGuard:
             await self._index.handed_over(symbol, handed)
         except Exception as exc:  # noqa: BLE001 - queued already: the sweep clears them
             log.warning("could not clear %d stop-loss markers on %s: %s", len(handed), symbol, exc)
-        finally:
-            clearing = self._clearing.get(symbol, set())
-            clearing.difference_update(handed)
-            if not clearing:
-                self._clearing.pop(symbol, None)
 
     async def stop(self) -> None:
         """Waits for the bookkeeping in flight (once the engine has stopped, before Redis
         closes); cut short, it leaves markers the next start's sweep clears."""
+        await self._bookkeeping_done()
+
+    async def _bookkeeping_done(self) -> None:
         if self._bookkeeping:
             await asyncio.wait(set(self._bookkeeping), timeout=_BOOKKEEPING_WAIT_S * 2)
 
