@@ -46,7 +46,7 @@ from server.domain import (
 )
 from server.errors import strategy_not_found
 from server.store.codec import from_micros, runtime_to_flat, to_micros
-from server.store.sqlite_writer import SqliteWriter
+from server.store.sqlite_writer import RowUpdate, SqliteWriter
 
 _MAX_CONFLICT_RETRIES = 8
 _SCHEMA_ATTEMPTS = 5
@@ -258,9 +258,11 @@ class Database:
         check), storing the idempotent response in the same transaction.
         Returns (strategy, runtime, changed); domain errors from `change` propagate."""
         if self._hot_writer is not None:
-            return await self._transition_hot(
-                self._hot_writer, tenant, strategy_id, change, idempotency
+            done = await self._transition_hot(
+                self._hot_writer, tenant, strategy_id, change, idempotency, replay=False
             )
+            assert not isinstance(done, StoredResponse)  # only a replay returns one
+            return done
         for _ in range(_MAX_CONFLICT_RETRIES):
             async with AsyncSession(self._engine, expire_on_commit=False) as session:
                 row = await session.get(StrategyRow, strategy_id)
@@ -286,26 +288,16 @@ class Database:
         idempotency: IdempotencyKey,
     ) -> StoredResponse | tuple[Strategy, Runtime, bool]:
         """transition() for a call with a request_id, unless a response is already stored
-        under it: then that response. On SQLite the stored response and the strategy are
-        read in one hop (a Start by id otherwise paid a hop for the lookup alone)."""
+        under it: then that response. On SQLite the stored response, the strategy, the
+        change and the write are one hop (a Start by id paid two, and a third for the
+        lookup alone before that)."""
         if self._hot_writer is None:
             stored = await self.get_response(tenant, idempotency.request_id)
             if stored is not None:
                 return stored
             return await self.transition(tenant, strategy_id, change, idempotency)
-        found, stored_row = await self._hot_writer.fetch_rows(
-            [
-                (StrategyRow.__tablename__, {"id": strategy_id}),
-                (
-                    IdempotencyRow.__tablename__,
-                    {"tenant": tenant, "request_id": idempotency.request_id},
-                ),
-            ]
-        )
-        if stored_row is not None:
-            return StoredResponse(stored_row["fingerprint"], json.loads(stored_row["response"]))
         return await self._transition_hot(
-            self._hot_writer, tenant, strategy_id, change, idempotency, first_read=(found,)
+            self._hot_writer, tenant, strategy_id, change, idempotency, replay=True
         )
 
     async def _transition_hot(
@@ -315,36 +307,41 @@ class Database:
         strategy_id: str,
         change: Transition,
         idempotency: IdempotencyKey | None,
-        first_read: tuple[dict[str, Any] | None] | None = None,
-    ) -> tuple[Strategy, Runtime, bool]:
-        """transition() on SQLite: a read and a version-checked write, one hop each, with no
-        lock held between them (the version check is the concurrency control). `first_read`
-        holds the strategy's row when the caller has read it already."""
-        for _ in range(_MAX_CONFLICT_RETRIES):
-            if first_read is not None:
-                (values,), first_read = first_read, None
-            else:
-                values = await writer.fetch_one(StrategyRow.__tablename__, {"id": strategy_id})
+        *,
+        replay: bool,
+    ) -> StoredResponse | tuple[Strategy, Runtime, bool]:
+        """transition() on SQLite in one hop and one transaction: the read, `change` (a pure
+        function of the domain, run on the writer's thread) and the version-checked write.
+        With `replay`, a response stored under the idempotency key comes back instead."""
+        queries = [(StrategyRow.__tablename__, {"id": strategy_id})]
+        if replay and idempotency is not None:
+            where = {"tenant": tenant, "request_id": idempotency.request_id}
+            queries.append((IdempotencyRow.__tablename__, where))
+
+        def decide(
+            rows: list[dict[str, Any] | None],
+        ) -> tuple[StoredResponse | tuple[Strategy, Runtime, bool], RowUpdate | None]:
+            values, stored = rows[0], rows[1] if len(rows) > 1 else None
+            if stored is not None:
+                return StoredResponse(stored["fingerprint"], json.loads(stored["response"])), None
             if values is None or values["tenant"] != tenant:
                 raise strategy_not_found(strategy_id)
             row = cast(StrategyRow, SimpleNamespace(**values))
             strategy, current = _strategy(row), _runtime(row)
             updated = change(strategy, current)
             if updated == current:
-                return strategy, current, False
+                return (strategy, current, False), None
             inserts = []
             if idempotency is not None:
                 idem = _idem_values(tenant, idempotency, {}, updated)
                 inserts.append((IdempotencyRow.__tablename__, idem))
-            try:
-                saved = await writer.save(
-                    strategy_id, current.version, _runtime_values(updated), [], inserts
-                )
-            except sqlite3.IntegrityError:
-                raise IdempotencyConflict() from None
-            if saved:
-                return _with_status(strategy, updated), updated, True
-        raise RuntimeError(f"strategy {strategy_id}: too many concurrent updates")
+            update = (strategy_id, current.version, _runtime_values(updated), inserts)
+            return (_with_status(strategy, updated), updated, True), update
+
+        try:
+            return await writer.read_and_update(queries, decide)
+        except sqlite3.IntegrityError:
+            raise IdempotencyConflict() from None
 
     async def list_live(self) -> list[tuple[Strategy, Runtime]]:
         """Every started, unfinished strategy: what the scheduler must have timers for."""
