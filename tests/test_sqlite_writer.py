@@ -1,5 +1,6 @@
-"""SqliteWriter's group commit: the writes of one hop share a transaction, each request in a
-savepoint of its own, and no result leaves before the hop's COMMIT.
+"""SqliteWriter's group commit: the API's writes in one hop share a transaction, each request
+in a savepoint of its own, and no result leaves before the group's COMMIT; the engine's batch
+writes stay a transaction each.
 
 A hop is what the writer's thread finds queued when it looks. To put several requests in one
 hop for certain, each test first holds the thread with a request that waits on a gate (the
@@ -11,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from server.store.sqlite_writer import _GROUP_MAX, SqliteWriter
+from server.store.sqlite_writer import _GROUP_MAX, RowUpdate, SqliteWriter
+
+Row = tuple[str, dict[str, Any]]
 
 SCHEMA = """
 CREATE TABLE strategies (id TEXT PRIMARY KEY, status TEXT NOT NULL, version INTEGER NOT NULL);
@@ -65,8 +68,20 @@ async def _in_one_hop(writer: SqliteWriter, *requests: Awaitable[Any]) -> list[A
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _status(status: str) -> dict[str, Any]:
-    return {"status": status}
+def _start(
+    writer: SqliteWriter, strategy_id: str, version: int, inserts: Sequence[Row] = ()
+) -> Awaitable[bool]:
+    """As a StartStrategy by id writes: read the row, decide, write; False when the stored
+    version is not `version` (nothing written)."""
+
+    def decide(rows: list[dict[str, Any] | None]) -> tuple[bool, RowUpdate | None]:
+        (row,) = rows
+        if row is None or row["version"] != version:
+            return False, None
+        runtime = {"status": "SCHEDULED", "version": version + 1}
+        return True, (strategy_id, version, runtime, list(inserts))
+
+    return writer.read_and_update([("strategies", {"id": strategy_id})], decide)
 
 
 def _order(order_id: str, strategy_id: str) -> dict[str, Any]:
@@ -78,50 +93,50 @@ async def _foreign_keys_on(writer: SqliteWriter) -> None:
     await writer._call(lambda: writer._connection().execute("PRAGMA foreign_keys=ON"))
 
 
-async def test_each_request_of_a_hop_keeps_its_own_outcome(
+ORPHAN: Row = ("orders", _order("o-orphan", "no-such-strategy"))  # fails at COMMIT
+
+
+async def test_each_request_of_a_group_keeps_its_own_outcome(
     writer: SqliteWriter, db_path: Path
 ) -> None:
     results = await _in_one_hop(
         writer,
-        writer.save("s0", 1, _status("SCHEDULED"), [_order("o0", "s0")]),
-        writer.save("s1", 7, _status("SCHEDULED"), [_order("o1", "s1")]),  # stale version
+        _start(writer, "s0", 1),
+        _start(writer, "s1", 7),  # stale version: writes nothing
         writer.insert([("keys", {"k": "taken"})]),
         # Its UPDATE runs, then its insert hits the key taken just before: its savepoint is
         # rolled back, the UPDATE with it.
-        writer.save("s2", 1, _status("SCHEDULED"), [], [("keys", {"k": "taken"})]),
+        _start(writer, "s2", 1, [("keys", {"k": "taken"})]),
         writer.fetch_one("strategies", {"id": "s0"}),  # sees the write before it
     )
 
-    assert results[0] is True
-    assert results[1] is False
-    assert results[2] is None
+    assert results[:3] == [True, False, None]
     assert isinstance(results[3], sqlite3.IntegrityError)
-    assert results[4] == {"id": "s0", "status": "SCHEDULED", "version": 1}
-    assert _rows(db_path, "SELECT id, status FROM strategies ORDER BY id") == [
-        ("s0", "SCHEDULED"),
-        ("s1", "CREATED"),
-        ("s2", "CREATED"),
+    assert results[4] == {"id": "s0", "status": "SCHEDULED", "version": 2}
+    assert _rows(db_path, "SELECT id, status, version FROM strategies ORDER BY id") == [
+        ("s0", "SCHEDULED", 2),
+        ("s1", "CREATED", 1),
+        ("s2", "CREATED", 1),
     ]
-    assert _rows(db_path, "SELECT id FROM orders") == [("o0",)]
     assert _rows(db_path, "SELECT k FROM keys") == [("taken",)]
 
 
-async def test_a_failed_commit_fails_every_request_of_the_hop_and_writes_nothing(
+async def test_a_failed_commit_fails_every_request_of_the_group_and_writes_nothing(
     writer: SqliteWriter, db_path: Path
 ) -> None:
     await _foreign_keys_on(writer)
     results = await _in_one_hop(
         writer,
-        writer.save("s0", 1, _status("SCHEDULED"), []),
+        _start(writer, "s0", 1),
         writer.fetch_one("strategies", {"id": "s0"}),  # saw a write that never committed
-        writer.insert([("orders", _order("o-orphan", "no-such-strategy"))]),  # fails at COMMIT
+        writer.insert([ORPHAN]),
     )
 
     assert all(isinstance(result, sqlite3.IntegrityError) for result in results), results
     assert _rows(db_path, "SELECT status FROM strategies WHERE id = 's0'") == [("CREATED",)]
     assert _rows(db_path, "SELECT id FROM orders") == []
     # The writer goes on: the next hop opens a transaction of its own.
-    assert await writer.save("s0", 1, _status("SCHEDULED"), []) is True
+    assert await _start(writer, "s0", 1) is True
     assert _rows(db_path, "SELECT status FROM strategies WHERE id = 's0'") == [("SCHEDULED",)]
 
 
@@ -131,8 +146,7 @@ async def test_a_long_hop_commits_in_groups_of_bounded_size(
     await _foreign_keys_on(writer)
     count = _GROUP_MAX + 10
     requests = [writer.insert([("keys", {"k": f"k{n}"})]) for n in range(count)]
-    # The last group's COMMIT fails: only the requests of that group fail.
-    requests.append(writer.insert([("orders", _order("o-orphan", "no-such-strategy"))]))
+    requests.append(writer.insert([ORPHAN]))  # the second group's COMMIT fails
     results = await _in_one_hop(writer, *requests)
 
     assert results[:_GROUP_MAX] == [None] * _GROUP_MAX
@@ -140,11 +154,35 @@ async def test_a_long_hop_commits_in_groups_of_bounded_size(
     assert _rows(db_path, "SELECT count(*) FROM keys") == [(_GROUP_MAX,)]
 
 
+async def test_an_engine_batch_is_a_transaction_of_its_own(
+    writer: SqliteWriter, db_path: Path
+) -> None:
+    await _foreign_keys_on(writer)
+    results = await _in_one_hop(
+        writer,
+        writer.insert([("keys", {"k": "before"})]),
+        # An engine batch whose order names no strategy: its own COMMIT fails, alone.
+        writer.save_many([("s0", 1, {"status": "BOUGHT", "version": 2}, [_order("o1", "nope")])]),
+        writer.insert([("keys", {"k": "between"})]),
+        writer.save_many([("s1", 1, {"status": "BOUGHT", "version": 2}, [_order("o2", "s1")])]),
+        writer.insert([ORPHAN]),
+    )
+
+    assert results[0] is None
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert results[2] is None
+    assert results[3] == [True]
+    assert isinstance(results[4], sqlite3.IntegrityError)
+    assert _rows(db_path, "SELECT k FROM keys ORDER BY k") == [("before",), ("between",)]
+    assert _rows(db_path, "SELECT id, status FROM strategies WHERE version = 2") == [
+        ("s1", "BOUGHT")
+    ]
+    assert _rows(db_path, "SELECT id FROM orders") == [("o2",)]
+
+
 async def test_close_commits_what_its_hop_wrote_first(db_path: Path) -> None:
     writer = SqliteWriter(str(db_path), strategies="strategies", orders="orders")
-    results = await _in_one_hop(
-        writer, writer.save("s0", 1, _status("SCHEDULED"), []), writer.close()
-    )
+    results = await _in_one_hop(writer, _start(writer, "s0", 1), writer.close())
 
     assert results == [True, None]
     assert _rows(db_path, "SELECT status FROM strategies WHERE id = 's0'") == [("SCHEDULED",)]

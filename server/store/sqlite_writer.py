@@ -12,12 +12,12 @@ API's inserts and transitions) keep using SQLAlchemy; SQLite's busy timeout orde
 
 Requests that arrive while the thread is busy are run together in its next hop: under a burst
 the thread would otherwise wait for the GIL once per request (the loop holds it), and one
-hop per batch is what let the engine keep up. The writes of one hop also share one
-transaction (group commit): each runs inside a savepoint of its own, so one that fails
-leaves nothing and the others go on, and the hop commits once. A COMMIT was the largest
-single cost of a StartStrategy on this thread; a burst of them now pays one. No result
-leaves the thread before that commit, and if it fails every request of the group gets the
-error, as nothing of the group was written.
+hop per batch is what let the engine keep up. The writes of a hop also share a transaction
+(group commit): each runs inside a savepoint of its own, so one that fails leaves nothing and
+the others go on, and the group commits once: 64 concurrent Creates or Starts paid 64
+COMMITs, now a few. No result leaves the thread before its group's COMMIT, and if that fails
+every request of the group gets the error, as nothing of the group was written. The engine's
+batch writes stay a transaction each (see `_call`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from functools import cache, partial
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-_Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
+# (the request, its caller's future, whether it commits alone rather than in a group)
+_Job = tuple[Callable[[], Any], "asyncio.Future[Any]", bool]
 
 _BUSY_TIMEOUT_S = 10.0
-# Requests per group transaction: a hop under a long burst commits every so often, so the
-# write lock is not held (and the WAL not grown) by one transaction without bound.
+# Requests per group transaction at most: a hop under a long run of API calls still commits
+# every so often.
 _GROUP_MAX = 256
 
 # (strategy id, runtime version it must replace or None, runtime columns or None, order rows)
@@ -63,25 +64,11 @@ class SqliteWriter:
         self._group_from: int | None = None
         self._hop_index = 0  # on the thread: the running request's index in the hop's results
 
-    async def save(
-        self,
-        strategy_id: str,
-        previous: int | None,
-        runtime: dict[str, Any] | None,
-        orders: list[dict[str, Any]],
-        inserts: list[tuple[str, dict[str, Any]]] | None = None,
-    ) -> bool:
-        """The runtime (only over stored version `previous`), the orders (upserted) and any
-        other rows (inserted) in one transaction; False, and nothing written, when the stored
-        version is not `previous`. sqlite3.IntegrityError when an inserted key is taken."""
-        job = partial(self._save, strategy_id, previous, runtime, orders, inserts or [])
-        return await self._call(job)
-
     async def save_many(self, items: list[_SaveItem], *, fresh: bool = False) -> list[bool]:
         """save() for many strategies in one transaction, each with its own version check:
         an item whose stored version is not its `previous` writes nothing and gets False.
         `fresh`: the orders must not exist yet; an item with one that does gets False too."""
-        return await self._call(partial(self._save_many, items, fresh))
+        return await self._call(partial(self._save_many, items, fresh), alone=True)
 
     async def find_many(self, pairs: list[tuple[str, str]]) -> list[_Found]:
         """find() for many (strategy id, order id) pairs in one hop."""
@@ -95,7 +82,7 @@ class SqliteWriter:
         nothing); it may write only orders of the pairs. Returns, per pair, whether its
         write went through (None: none asked). The read is inside the write transaction, so
         the fresh check is the read's own (no second lookup); the version check stays."""
-        return await self._call(partial(self._read_and_save, pairs, decide))
+        return await self._call(partial(self._read_and_save, pairs, decide), alone=True)
 
     async def insert(self, rows: list[tuple[str, dict[str, Any]]]) -> None:
         """(table, column values) rows in one transaction; sqlite3.IntegrityError when a key
@@ -134,13 +121,17 @@ class SqliteWriter:
         return await self._call(partial(self._fetch_by_ids, table, ids))
 
     async def close(self) -> None:
-        await self._call(self._close)
+        await self._call(self._close, alone=True)
         self._thread.shutdown(wait=True)
 
-    async def _call(self, job: Callable[[], T]) -> T:
+    async def _call(self, job: Callable[[], T], *, alone: bool = False) -> T:
+        """Runs `job` on the thread. The engine's batches (`alone`) are a transaction each,
+        as before group commit: already one COMMIT for up to 64 orders, and an engine worker
+        process waiting for SQLite's write lock (it sleeps in steps of up to 100 ms) waits no
+        longer for a group around them. The API's single-strategy writes share groups."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.append((job, future))
+        self._jobs.append((job, future, alone))
         if not self._draining:
             self._draining = True
             loop.run_in_executor(self._thread, self._drain, loop)
@@ -151,15 +142,17 @@ class SqliteWriter:
         their results to the loop at once."""
         done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         while self._jobs:
-            job, future = self._jobs.popleft()
-            if job == self._close:
-                self._end_group(done)  # the connection goes: what the hop wrote commits first
+            job, future, alone = self._jobs.popleft()
+            if alone:  # close() among them: what the hop wrote commits first
+                self._end_group(done)
             self._hop_index = len(done)
             try:
                 done.append((future, job(), None))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 done.append((future, None, exc))
-            if self._group_from is not None and len(done) - self._group_from >= _GROUP_MAX:
+            if alone or (
+                self._group_from is not None and len(done) - self._group_from >= _GROUP_MAX
+            ):
                 self._end_group(done)
         self._end_group(done)
         loop.call_soon_threadsafe(self._deliver, loop, done)
@@ -233,17 +226,6 @@ class SqliteWriter:
             conn.execute("RELEASE request")
             raise
         conn.execute("RELEASE request")
-
-    def _save(
-        self,
-        strategy_id: str,
-        previous: int | None,
-        runtime: dict[str, Any] | None,
-        orders: list[dict[str, Any]],
-        inserts: list[tuple[str, dict[str, Any]]],
-    ) -> bool:
-        with self._transaction() as conn:
-            return self._write(conn, strategy_id, previous, runtime, orders, inserts)
 
     def _write(
         self,
