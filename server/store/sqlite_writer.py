@@ -62,7 +62,10 @@ class SqliteWriter:
         # On the thread: the index in the current hop's results of the first request run
         # inside the open group transaction; None while no group transaction is open.
         self._group_from: int | None = None
-        self._hop_index = 0  # on the thread: the running request's index in the hop's results
+        # On the thread: the running request's index in the hop's results, and whether it
+        # commits alone.
+        self._hop_index = 0
+        self._alone = False
 
     async def save_many(self, items: list[_SaveItem], *, fresh: bool = False) -> list[bool]:
         """save() for many strategies in one transaction, each with its own version check:
@@ -138,14 +141,14 @@ class SqliteWriter:
         return await future
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the thread: every job queued so far, their writes in one transaction, then
-        their results to the loop at once."""
+        """On the thread: every job queued so far (the API's writes in group transactions,
+        each engine batch in its own), then their results to the loop at once."""
         done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         while self._jobs:
             job, future, alone = self._jobs.popleft()
             if alone:  # close() among them: what the hop wrote commits first
                 self._end_group(done)
-            self._hop_index = len(done)
+            self._hop_index, self._alone = len(done), alone
             try:
                 done.append((future, job(), None))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -170,8 +173,11 @@ class SqliteWriter:
                 raise sqlite3.OperationalError("the group transaction was rolled back by SQLite")
             conn.execute("COMMIT")
         except BaseException as exc:  # noqa: BLE001 - handed to every caller of the group
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            # Outside any request's own error handling: a ROLLBACK that fails too must not
+            # stop the hop's results from reaching their callers.
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             done[first:] = [(future, None, exc) for future, _, _ in done[first:]]
 
     def _deliver(
@@ -209,7 +215,9 @@ class SqliteWriter:
         """One request's writes: a savepoint inside the hop's group transaction (BEGIN
         IMMEDIATE on the hop's first write; the hop commits it). On any error the savepoint
         is rolled back, so the request wrote nothing and the group goes on. A write whose
-        checks failed wrote nothing, so its savepoint releases nothing."""
+        checks failed wrote nothing, so its savepoint releases nothing. A request that
+        commits alone (an engine batch) is a transaction of its own: the hop commits it
+        right after it, and an error rolls it back."""
         conn = self._connection()
         if self._group_from is None:
             conn.execute("BEGIN IMMEDIATE")
@@ -218,6 +226,18 @@ class SqliteWriter:
             # SQLite rolled the group back itself (I/O error, full disk): a savepoint now
             # would start a transaction of its own; the group fails as a whole at its end.
             raise sqlite3.OperationalError("the group transaction was rolled back by SQLite")
+        if self._alone:
+            # A transaction of its own, as before group commit: no savepoint, whose two
+            # statements would each wait for the interpreter lock on a busy loop.
+            try:
+                yield conn
+            except BaseException:
+                self._group_from = None
+                with contextlib.suppress(sqlite3.Error):  # the request's own error goes up
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                raise
+            return
         conn.execute("SAVEPOINT request")
         try:
             yield conn
