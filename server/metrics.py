@@ -150,6 +150,7 @@ class Metrics:
         }
         self._redeliveries = {q: self.queue_redeliveries.labels(q) for q in QUEUES}
         self.subscribers = {m: self.stream_subscribers.labels(m) for m in STREAM_METHODS}
+        self._rpc_children: dict[tuple[str, str], Counter] = {}
 
     def order_final(self, kind: OrderKind, status: OrderStatus) -> None:
         child = self._orders.get((kind, status))
@@ -180,7 +181,12 @@ class Metrics:
             self.queue_pending.labels(queue).set(pending)
 
     def rpc_done(self, method: str, code: str) -> None:
-        self.rpcs.labels(method, code).inc()
+        # labels() takes a lock and validates on every call; our service's methods times the
+        # status codes is a small, fixed set of children.
+        child = self._rpc_children.get((method, code))
+        if child is None:
+            child = self._rpc_children[method, code] = self.rpcs.labels(method, code)
+        child.inc()
 
     def watch_listener(self, listener: ListenerView) -> None:
         """Feed metrics read on scrape from the listener's own state."""

@@ -122,11 +122,13 @@ def test_anything_shaped_like_a_token_is_redacted(json_logs: io.StringIO) -> Non
     jwt = token("tenant-a")
     log.warning("header was %s", f"Bearer {jwt}")
     log.warning("raw %s; bearer token missing", jwt)
+    log.warning("shouted: %s", "BEARER opaque-credential-1234")
     output = json_logs.getvalue()
-    assert jwt not in output
-    header, raw = ours(json_logs)
+    assert jwt not in output and "opaque-credential" not in output
+    header, raw, shouted = ours(json_logs)
     assert header["message"] == "header was [redacted]"
     assert raw["message"] == "raw [redacted]; bearer token missing"
+    assert shouted["message"] == "shouted: [redacted]"
 
 
 async def test_a_served_run_logs_its_ids_and_never_a_token_or_the_secret(
