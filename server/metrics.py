@@ -181,8 +181,9 @@ class Metrics:
             self.queue_pending.labels(queue).set(pending)
 
     def rpc_done(self, method: str, code: str) -> None:
-        # labels() takes a lock and validates on every call; our service's methods times the
-        # status codes is a small, fixed set of children.
+        # labels() takes a lock and validates on every call. Bound on first use rather than
+        # up front (unlike the children above): /metrics shows only the (method, code) pairs
+        # that happened, and those are a small, fixed set.
         child = self._rpc_children.get((method, code))
         if child is None:
             child = self._rpc_children[method, code] = self.rpcs.labels(method, code)
