@@ -279,6 +279,11 @@ class FeedSimulator:
         return [None if c.symbols is None else frozenset(c.symbols) for c in self._clients]
 
     @property
+    def extensions(self) -> list[list[str]]:
+        """Each connected client's negotiated websocket extensions, in connection order."""
+        return [[str(e.name) for e in c.connection.protocol.extensions] for c in self._clients]
+
+    @property
     def prices(self) -> dict[str, Decimal]:
         """The current price of every symbol the simulator knows."""
         return dict(self._prices)

@@ -270,6 +270,7 @@ class App:
             publisher=publisher,
             max_backoff_s=settings.feed_max_backoff_s,
             stale_s=settings.feed_stale_s,
+            compression=settings.feed_compression == "deflate",
             report_health=self._report_feed,
         )
         self._metrics.watch_listener(listener)

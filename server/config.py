@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     feed_format: Literal["json", "binance"] = "json"
     feed_max_backoff_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     feed_stale_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+    # Not offered by default: inflating every tick cost the listener a third of its time per
+    # message (README, "Market listener and stop-loss").
+    feed_compression: Literal["off", "deflate"] = "off"
     paper_latency_ms: Annotated[int, Field(ge=0, le=600_000)] = 0
     paper_timeout_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     paper_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.0

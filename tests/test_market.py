@@ -303,6 +303,20 @@ async def test_binance_trade_stream(redis_proc: RedisProcess, tmp_path: Path) ->
         assert (await runtime_of(h, sid)).exit_price == "90"
 
 
+@pytest.mark.parametrize(
+    ("setting", "negotiated"), [("off", []), ("deflate", ["permessage-deflate"])]
+)
+async def test_feed_compression_is_offered_only_when_asked_for(
+    redis_proc: RedisProcess, tmp_path: Path, setting: str, negotiated: list[str]
+) -> None:
+    # The simulator accepts permessage-deflate whenever a client offers it, as feeds do.
+    async with market(redis_proc, tmp_path, feed_compression=setting) as (h, feed):
+        sid = await open_position(h, feed)
+        assert feed.extensions == [negotiated]
+        await feed.push("SBIN", "95")
+        await reaches(h, sid, pb.STRATEGY_STATUS_COMPLETED)
+
+
 async def test_a_stale_symbol_with_positions_is_reported(
     redis_proc: RedisProcess, tmp_path: Path
 ) -> None:

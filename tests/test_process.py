@@ -214,6 +214,7 @@ async def test_embedded_defaults_sigterm_and_restart(tmp_path: Path) -> None:
         ("ALGOPLANE_METRICS_ADDR", "9464"),
         ("ALGOPLANE_LOG_FORMAT", "xml"),
         ("ALGOPLANE_EVENT_LOOP", "trio"),
+        ("ALGOPLANE_FEED_COMPRESSION", "gzip"),
     ],
 )
 def test_malformed_setting_stops_startup(tmp_path: Path, name: str, value: str) -> None:

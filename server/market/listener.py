@@ -78,6 +78,7 @@ class MarketListener:
         publisher: Publisher,
         max_backoff_s: float,
         stale_s: float,
+        compression: bool = False,
         report_health: HealthReport | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -89,6 +90,7 @@ class MarketListener:
         self._publisher = publisher
         self._max_backoff = max_backoff_s
         self._stale_s = stale_s
+        self._compression = compression
         self._report = report_health
         self._rng = rng or random.Random()
         self.stats: Counter[str] = Counter()
@@ -137,7 +139,11 @@ class MarketListener:
         while True:
             try:
                 async with connect(
-                    self._url, open_timeout=10, max_size=MAX_MESSAGE_BYTES, ping_interval=20
+                    self._url,
+                    open_timeout=10,
+                    max_size=MAX_MESSAGE_BYTES,
+                    ping_interval=20,
+                    compression="deflate" if self._compression else None,
                 ) as ws:
                     attempt = 0
                     await self._session(ws)
