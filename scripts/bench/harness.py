@@ -310,18 +310,18 @@ async def server_process(
 
 @contextlib.asynccontextmanager
 async def baseline_process(
-    module: str, ready_line: str, *args: str
+    module: str, ready_line: str, *args: str, listens: bool = True
 ) -> AsyncIterator[tuple[str, int]]:
     """A baseline server (`python -m module --port P *args`) in its own process, like the
     real server, so that neither shares an interpreter with the client; yields its address
-    and pid once it printed `ready_line`, and stops it (SIGINT, then SIGKILL) on exit."""
+    and pid once it printed `ready_line`, and stops it (SIGINT, then SIGKILL) on exit. A
+    baseline that only connects out (`listens=False`) gets no --port and yields no address."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         module,
-        "--port",
-        str(port),
+        *(("--port", str(port)) if listens else ()),
         *args,
         cwd=ROOT,
         stdin=asyncio.subprocess.DEVNULL,
@@ -332,7 +332,7 @@ async def baseline_process(
         line = await asyncio.wait_for(process.stdout.readline(), 30)
         if ready_line not in line.decode():
             raise RuntimeError(f"{module} did not start (exit {process.returncode})")
-        yield f"127.0.0.1:{port}", process.pid
+        yield f"127.0.0.1:{port}" if listens else "", process.pid
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGINT)

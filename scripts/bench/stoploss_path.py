@@ -20,6 +20,9 @@ broker with zero latency. For each size N (strategies armed on one symbol):
   Each millisecond's ticks are framed by the feed itself and written together, one message
   per tick still (TickFeed.send_each): through websockets' send() the feed spent more of
   the shared cores per tick than the server's listener, and the figure measured the feed.
+- The issue's yardstick for that rate, measured after the sizes: a bare listener making one
+  Redis round trip per tick (scripts/bench/roundtrip_listener.py) on the same feed, ladder
+  and check, and the server's held rate at the largest size over it.
 - The seed's naive check on the same data: per tick, SMEMBERS symbol:{S}:strategies and every
   strategy's stop-loss (pipelined HGET), timed here against the same Redis, as a ratio to the
   per-tick cost of the server's path at its held rate (1 / the rate the feed sent there).
@@ -47,6 +50,7 @@ from scripts.bench.harness import (
     aio_stub,
     at_least,
     at_most,
+    baseline_process,
     broker_entries,
     machine,
     print_report,
@@ -55,6 +59,7 @@ from scripts.bench.harness import (
     spec_at,
     summarize,
 )
+from scripts.bench.roundtrip_listener import READY_LINE as ROUNDTRIP_READY
 from server.store import keys
 from server.store.stoploss import member
 
@@ -204,7 +209,8 @@ async def _naive_tick_s(redis: Redis, size: int, ticks: int) -> float:
 
 async def _one_size(
     size: int, runs: int, rate: int, real: int, quick: bool, report: Report
-) -> None:
+) -> float:
+    """Reports the figures of one size; returns its held tick rate (median of the runs)."""
     latencies: list[float] = []
     p50s: list[float] = []
     p99s: list[float] = []
@@ -260,12 +266,54 @@ async def _one_size(
         "x",
         target=at_least(1000) if big else None,
     )
+    return statistics.median(held_rates)
 
 
-async def _max_held(feed: TickFeed, redis: Redis, quick: bool) -> tuple[int, float]:
-    """The highest of the tried rates the server held, and what the feed got out at it."""
+async def _yardstick(runs: int, quick: bool, ours: float, size: int, report: Report) -> None:
+    """The held rate of a listener making one Redis round trip per tick
+    (scripts/bench/roundtrip_listener.py): same feed, Redis, ladder and check as the
+    server's, a fresh listener per run, the server stopped."""
+    held_rates: list[float] = []
+    async with redis_server() as redis_proc, TickFeed() as feed:
+        redis = redis_proc.client()
+        try:
+            for _ in range(runs):
+                async with baseline_process(
+                    "scripts.bench.roundtrip_listener",
+                    ROUNDTRIP_READY,
+                    "--feed",
+                    feed.url,
+                    "--redis",
+                    redis_proc.url,
+                    listens=False,
+                ):
+                    await feed.wait_connected()
+                    held, _sent = await _max_held(feed, redis, quick, fine=True)
+                    held_rates.append(held)
+        finally:
+            await redis.aclose()
+    report.add_runs(
+        "a bare listener awaiting one Redis round trip per tick: ticks/s held",
+        held_rates,
+        "ticks/s",
+    )
+    theirs = statistics.median(held_rates)
+    report.add(
+        f"N={size}: ticks/s held, ours / one round trip per tick",
+        ours / theirs if theirs else float("nan"),
+        "x",
+    )
+
+
+async def _max_held(
+    feed: TickFeed, redis: Redis, quick: bool, *, fine: bool = False
+) -> tuple[int, float]:
+    """The highest of the tried rates the listener held, and what the feed got out at it.
+    `fine`: steps of 1,000 up to 10,000 first, for a listener that holds only a few."""
     best: tuple[int, float] = (0, 0.0)
     ladder = (2_000, 5_000) if quick else (5_000, 10_000, 15_000, 20_000, 25_000, 30_000)
+    if fine and not quick:
+        ladder = (*range(1_000, 10_000, 1_000), *ladder[1:])
     for rate in (*ladder, *((40_000, 60_000, 80_000, 100_000) if not quick else ())):
         ok, achieved = await _held(feed, redis, rate, 1.0 if quick else 2.0)
         if not ok:
@@ -289,8 +337,10 @@ async def run(
         "Stop-loss path: tick sent -> broker call",
         params={"sizes": ",".join(map(str, sizes)), "runs": runs, "rate": rate, "real": real},
     )
+    held = 0.0
     for size in sizes:
-        await _one_size(size, runs, rate, real, quick, report)
+        held = await _one_size(size, runs, rate, real, quick, report)
+    await _yardstick(runs, quick, held, sizes[-1], report)
     report.note(
         "latency = paper broker entry (wall clock, server process) - tick send (wall clock, "
         "feed in the benchmark process); both on this machine"
@@ -298,6 +348,12 @@ async def run(
     report.note(
         "held: the feed sent >= 97% of the rate (one tick per websocket message) and the "
         "last price was in Redis within 100 ms; the feed shares the machine's 2 cores"
+    )
+    report.note(
+        "one round trip per tick: scripts/bench/roundtrip_listener.py, a listener that awaits "
+        "a SET of the price per tick before reading the next (the seed's loop; the issue puts "
+        "one round trip per tick near 18,000 ticks/s on its machine), on the server's event "
+        "loop, driven like the server; the ratio is the largest size's median over its median"
     )
     return report
 
