@@ -33,6 +33,7 @@ from server.domain import Intent, Order, Runtime, Strategy
 from server.logs import bind as bind_log_context
 from server.logs import reset as reset_log_context
 from server.publisher import Publisher
+from server.settle import settle
 from server.store.db import Database, Found
 from server.store.locks import StrategyLocks
 from server.store.queue import Delivery, OrderEvent, OrderQueue
@@ -180,10 +181,12 @@ class BatchLane:
         if not items:
             return [], [], []
         # The broker calls are scheduled before the publish, so they run first: the publish
-        # only shows the intents, and a retry waits for it (`published`).
+        # only shows the intents, and a retry waits for it (`published`). A lone call (an
+        # exit run where its tick arrived) starts in this task, before the publish runs too.
         published: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        placing = asyncio.gather(
-            *(self._place(item, published) for item in items), return_exceptions=True
+        calls = [self._place(item, published) for item in items]
+        placing = (
+            asyncio.gather(*calls, return_exceptions=True) if len(calls) > 1 else settle(calls)
         )
         publishing = asyncio.ensure_future(
             self._publish.changes([(item.runtime, [item.order]) for item in items if item.order])

@@ -33,6 +33,7 @@ from websockets.exceptions import WebSocketException
 from server.cancellation import cancel_requested
 from server.market.formats import FeedError, FeedFormat, Tick
 from server.publisher import Publisher
+from server.settle import settle
 from server.stoploss import StopLossGuard
 from server.store.state import RedisState
 from server.store.stoploss import StopLossIndex
@@ -221,12 +222,11 @@ class MarketListener:
     async def _flush(self, batch: dict[str, _Pending]) -> dict[str, _Pending]:
         """Writes and checks each symbol's batch side by side; returns the ones that failed."""
         symbols = list(batch)
-        results = await asyncio.gather(
-            *(
+        results = await settle(
+            [
                 self._guard.on_price(s, batch[s].last, batch[s].low, batch[s].received_us)
                 for s in symbols
-            ),
-            return_exceptions=True,
+            ]
         )
         failed: dict[str, _Pending] = {}
         for symbol, result in zip(symbols, results, strict=True):
