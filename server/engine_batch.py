@@ -182,12 +182,9 @@ class BatchLane:
             return [], [], []
         # The broker calls are scheduled before the publish, so they run first: the publish
         # only shows the intents, and a retry waits for it (`published`). A lone call (an
-        # exit run where its tick arrived) starts in this task, before the publish runs too.
+        # exit run where its tick arrived) starts in this task, ahead of the publish too.
         published: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        calls = [self._place(item, published) for item in items]
-        placing = (
-            asyncio.gather(*calls, return_exceptions=True) if len(calls) > 1 else settle(calls)
-        )
+        placing = settle([self._place(item, published) for item in items])
         publishing = asyncio.ensure_future(
             self._publish.changes([(item.runtime, [item.order]) for item in items if item.order])
         )

@@ -9,15 +9,21 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-async def settle(calls: Sequence[Awaitable[T]]) -> list[T | BaseException]:
+def settle(calls: Sequence[Awaitable[T]]) -> Awaitable[list[T | BaseException]]:
     """Each call's result or the exception it raised, in order; the calls run side by side,
-    as gather(return_exceptions=True) runs them. A lone call runs in the caller's task
-    instead of a task of its own: it starts now, not a turn of the loop later, behind
-    whatever else is ready (on the stop-loss path such turns came twice per exit).
-    Cancelling the caller cancels the call either way."""
+    as gather(return_exceptions=True) runs them, and as there they are scheduled by this
+    call, ahead of anything scheduled after it. A lone call instead runs in the awaiting
+    task, from its first step: it starts at once rather than a turn of the loop later,
+    behind whatever else is ready (on the stop-loss path such turns came twice per exit),
+    and still before anything scheduled meanwhile gets a turn. Cancelling the awaiting task
+    cancels the calls either way."""
     if len(calls) == 1:
-        try:
-            return [await calls[0]]
-        except Exception as exc:  # noqa: BLE001 - handed back, as gather hands it back
-            return [exc]
-    return list(await asyncio.gather(*calls, return_exceptions=True))
+        return _lone(calls[0])
+    return asyncio.gather(*calls, return_exceptions=True)
+
+
+async def _lone(call: Awaitable[T]) -> list[T | BaseException]:
+    try:
+        return [await call]
+    except Exception as exc:  # noqa: BLE001 - handed back, as gather hands it back
+        return [exc]

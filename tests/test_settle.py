@@ -1,4 +1,5 @@
-"""settle(): results and exceptions in order; a lone call runs in the caller's task."""
+"""settle(): results and exceptions in order; calls scheduled ahead of what is scheduled after
+them; a lone call runs in the awaiting task."""
 
 from __future__ import annotations
 
@@ -41,6 +42,22 @@ async def test_results_and_exceptions_come_back_in_order_and_calls_run_side_by_s
     assert isinstance(alone, ValueError) and str(alone) == "alone"
 
 
+@pytest.mark.parametrize("calls", [1, 2])
+async def test_calls_run_ahead_of_what_is_scheduled_after_settle(calls: int) -> None:
+    # The batch lane schedules its publish after its broker calls and relies on this order.
+    ran: list[str] = []
+
+    async def note(name: str) -> str:
+        ran.append(name)
+        return name
+
+    placing = settle([note(f"call {n}") for n in range(calls)])
+    later = asyncio.ensure_future(note("scheduled after"))
+    assert await placing == [f"call {n}" for n in range(calls)]
+    await later
+    assert ran == [*(f"call {n}" for n in range(calls)), "scheduled after"]
+
+
 async def test_cancelling_the_caller_cancels_a_lone_call() -> None:
     started = asyncio.Event()
     cancelled = asyncio.Event()
@@ -53,7 +70,7 @@ async def test_cancelling_the_caller_cancels_a_lone_call() -> None:
             cancelled.set()
             raise
 
-    caller = asyncio.create_task(settle([slow()]))
+    caller = asyncio.ensure_future(settle([slow()]))
     await started.wait()
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):

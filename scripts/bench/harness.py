@@ -54,6 +54,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from protos.algoplane.v1 import strategy_pb2 as pb
@@ -316,7 +317,7 @@ async def baseline_process(
     real server, so that neither shares an interpreter with the client; yields its address
     and pid once it printed `ready_line`, and stops it (SIGINT, then SIGKILL) on exit. A
     baseline that only connects out (`listens=False`) gets no --port and yields no address."""
-    port = free_port()
+    port = free_port() if listens else 0
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -434,17 +435,6 @@ def future_spec(
 # ----------------------------------------------------------------------------- feed
 
 
-def _text_frame(text: str) -> bytes:
-    """One unfragmented, unmasked (server to client) websocket text frame (RFC 6455 5.2)."""
-    payload = text.encode()
-    size = len(payload)
-    if size < 126:
-        return bytes((0x81, size)) + payload
-    if size < 1 << 16:
-        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
-
-
 @dataclass(frozen=True, slots=True)
 class SentTick:
     """When a tick left the feed: `perf_ns` for intervals in this process, `wall_ns` to
@@ -534,9 +524,10 @@ class TickFeed:
 
     async def send_each(self, ticks: Sequence[tuple[str, Decimal | str]]) -> SentTick:
         """Several ticks, each its own message as `send` makes it, framed here and written
-        together. websockets' send() runs its framing (and compression, when negotiated) in
-        Python for each message, and this feed shares the machine's cores with the server it
-        measures: a tick costs it a few microseconds instead of tens. Frames are uncompressed,
+        together. websockets' send() runs its protocol machinery (and compression, when
+        negotiated) in Python for each message, and this feed shares the machine's cores with
+        the server it measures: with only websockets' frame serializer a tick costs it a few
+        microseconds instead of tens. Frames are unmasked (server to client), uncompressed,
         which permessage-deflate allows any message to be (RSV1 clear). The JSON is written
         by hand: the benchmarks' symbols and decimal prices hold nothing JSON escapes."""
         wall_ns, perf_ns = time.time_ns(), time.perf_counter_ns()
@@ -544,7 +535,9 @@ class TickFeed:
         sent = 0
         for connection, symbols in list(self._clients.items()):
             frames = [
-                _text_frame(f'{{"symbol":"{symbol}","price":"{price}","ts":{ts_ms}}}')
+                Frame(
+                    Opcode.TEXT, f'{{"symbol":"{symbol}","price":"{price}","ts":{ts_ms}}}'.encode()
+                ).serialize(mask=False)
                 for symbol, price in ticks
                 if symbols is None or symbol in symbols
             ]

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 from typing import get_args
 
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from server import event_loop
 from server.event_loop import EventLoop
@@ -44,10 +46,18 @@ async def listen(feed_url: str, redis_url: str) -> None:
                     await redis.set(keys.price(tick["symbol"]), tick["price"])
 
             reader = asyncio.create_task(read())
-            await asyncio.wait(
-                [reader, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
-            )
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait([reader, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if stop.is_set():
+                # Stopped where it fell behind the feed (the step it did not hold): a closing
+                # handshake would wait behind the ticks not read yet, up to its timeout.
+                ws.transport.abort()
             reader.cancel()
+            # Ended by the cancel, or by the abort where a Redis call swallowed the cancel
+            # (server.cancellation): either way done before the Redis client closes.
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await reader
     finally:
         await redis.aclose()
 
