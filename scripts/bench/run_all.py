@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from scripts.bench import harness
+from scripts.bench import harness, hops
 from scripts.bench.harness import Report
 
 # The numbering; add a benchmark by adding its module here.
@@ -41,6 +41,8 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("5", "footprint"),
 ]
 DOC = harness.ROOT / "docs" / "benchmarks.md"
+_HOP_SAMPLES = (2000, 200)  # back to back, after idling
+_HOP_SAMPLES_QUICK = (200, 20)
 
 
 @dataclass
@@ -105,7 +107,13 @@ def _steal_seconds() -> float:
     return float(getattr(psutil.cpu_times(), "steal", 0.0))
 
 
-def render(outcomes: Sequence[Outcome], machine: harness.Machine, command: str, quick: bool) -> str:
+def render(
+    outcomes: Sequence[Outcome],
+    machine: harness.Machine,
+    machine_hops: hops.Hops,
+    command: str,
+    quick: bool,
+) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -119,7 +127,7 @@ def render(outcomes: Sequence[Outcome], machine: harness.Machine, command: str, 
     if quick:
         lines += ["**Quick (smoke) sizes: these are not the reference figures.**", ""]
     lines += [f"Command: `{command}`", ""]
-    lines += [f"- {line}" for line in machine.lines()]
+    lines += [f"- {line}" for line in [*machine.lines(), machine_hops.line()]]
     lines += ["", "## Summary", ""]
     lines.append("| # | benchmark | result | took | load after | CPU stolen (cores) |")
     lines.append("|---|---|---|---|---|---|")
@@ -172,12 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     machine = harness.machine()
     print("\n".join(machine.lines()), flush=True)
+    # Before the benchmarks, on a quiet machine: what its wake-ups cost (see hops.py).
+    machine_hops = hops.measure_here(*(_HOP_SAMPLES_QUICK if args.quick else _HOP_SAMPLES))
+    print(machine_hops.line(), flush=True)
     chosen = [(n, name) for n, name in BENCHMARKS if not only or name in only]
     outcomes = [run_one(number, name, args.quick) for number, name in chosen]
     command = shlex.join(["scripts/bench/run_all", *(argv if argv is not None else sys.argv[1:])])
     output = _output(args)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render(outcomes, machine, command, args.quick))
+    output.write_text(render(outcomes, machine, machine_hops, command, args.quick))
     print(f"\nwrote {output}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
