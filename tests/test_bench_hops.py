@@ -50,15 +50,15 @@ def test_the_sqlite_write_commits(tmp_path: Path) -> None:
         other.close()
 
 
-def test_spread_is_the_median_and_the_p90() -> None:
-    spread = hops.spread([float(n) for n in range(1, 101)])
-    assert spread.p50_us == 50.5
-    assert spread.p90_us == pytest.approx(90.1)
-    assert str(hops.Spread(1234.4, 2345.6)) == "1,234 (2,346)"
-    hop = hops.Hop(hops.Spread(110.2, 122.0), hops.Spread(358.0, 479.4))
+def test_percentiles_are_the_median_and_the_p90() -> None:
+    got = hops.percentiles([float(n) for n in range(1, 101)])
+    assert got.p50_us == 50.5
+    assert got.p90_us == pytest.approx(90.1)
+    assert str(hops.Percentiles(1234.4, 2345.6)) == "1,234 (2,346)"
+    hop = hops.Hop(hops.Percentiles(110.2, 122.0), hops.Percentiles(358.0, 479.4))
     assert str(hop) == "110 (122) / 358 (479) us"
     with pytest.raises(ValueError, match="no samples"):
-        hops.spread([])
+        hops.percentiles([])
 
 
 async def test_samples_must_be_positive(redis_proc: RedisProcess) -> None:

@@ -15,6 +15,8 @@ median of each is reported with its p90:
 - a thread hop: the loop hands a no-op to a one-thread executor and awaits it;
 - a SQLite write: the same hop running BEGIN IMMEDIATE, an UPDATE of one row and COMMIT on
   a WAL database with synchronous=NORMAL (the server's SQLite settings).
+These are bare on purpose, sqlite3 and an executor rather than the server's SqliteWriter, as
+the echo server is beside benchmark 3: a yardstick of the machine must not move with our code.
 
     .venv/bin/python -m scripts.bench.hops [--samples 2000] [--idle-samples 200]
 """
@@ -37,8 +39,9 @@ from server.store.state import connect
 
 
 @dataclass(frozen=True, slots=True)
-class Spread:
-    """Microseconds: the median and the 90th percentile of the samples."""
+class Percentiles:
+    """Microseconds: the median and the 90th percentile of one hop's samples (harness.Spread
+    is a figure over runs)."""
 
     p50_us: float
     p90_us: float
@@ -51,8 +54,8 @@ class Spread:
 class Hop:
     """One hop timed back to back, and each time after IDLE_S without work."""
 
-    warm: Spread
-    idle: Spread
+    warm: Percentiles
+    idle: Percentiles
 
     def __str__(self) -> str:
         return f"{self.warm} / {self.idle} us"
@@ -78,13 +81,13 @@ class Hops:
 IDLE_S = 0.02
 
 
-def spread(samples_us: Sequence[float]) -> Spread:
+def percentiles(samples_us: Sequence[float]) -> Percentiles:
     if not samples_us:
         raise ValueError("no samples")
-    return Spread(percentile(samples_us, 50), percentile(samples_us, 90))
+    return Percentiles(percentile(samples_us, 50), percentile(samples_us, 90))
 
 
-async def _timed(hop: Callable[[], Awaitable[object]], samples: int, idle_s: float) -> Spread:
+async def _timed(hop: Callable[[], Awaitable[object]], samples: int, idle_s: float) -> Percentiles:
     for _ in range(min(samples, 50)):  # warm: connections open, pages cached
         await hop()
     got: list[float] = []
@@ -94,7 +97,7 @@ async def _timed(hop: Callable[[], Awaitable[object]], samples: int, idle_s: flo
         began = time.perf_counter()
         await hop()
         got.append((time.perf_counter() - began) * 1e6)
-    return spread(got)
+    return percentiles(got)
 
 
 async def _hop(hop: Callable[[], Awaitable[object]], samples: int, idle_samples: int) -> Hop:
