@@ -303,8 +303,14 @@ async def test_redis_connections_reset_during_a_burst_of_buys(tmp_path: Path) ->
                 assert sorted(await paper_log(redis_proc.url)) == ids(
                     *[(sid, Intent.BUY) for sid in sids]
                 )
+
                 # Every position is armed, even where the reset came between the commit and
-                # the arming (the redelivered event, found done, arms it again).
+                # the arming: the event is not acknowledged, and its retry or redelivery (up to
+                # the retries' 1.6 s and the claim's idle time later), found done, arms it.
+                async def all_armed() -> bool:
+                    return await direct.zcard("symbol:{INFY}:stoploss") >= len(sids)
+
+                await eventually(all_armed, timeout_s=15)
                 assert await direct.zcard("symbol:{INFY}:stoploss") == len(sids)
                 await final_check(redis_proc.url, h.settings.effective_database_url)
         finally:
